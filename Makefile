@@ -1,0 +1,35 @@
+# The two commands: `make run` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# dvc repro calls `shrinkfleet stage ...`: the venv's scripts must be on PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: run test venv lint clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv and install shrinkfleet with its dev extras
+
+run: venv  ## run the default fleet (params.yaml) and print the report
+	@git rev-parse --git-dir >/dev/null 2>&1 || git init -q
+	@[ -d .dvc ] || $(BIN)/dvc init -q
+	$(BIN)/shrinkfleet run
+
+test: venv  ## run the whole test suite (slow end-to-end tests included)
+	$(BIN)/python -m pytest -ra
+
+lint: venv  ## ruff: style and import order
+	$(BIN)/ruff check .
+
+clean:  ## remove run outputs (not .venv, not the DVC cache)
+	rm -rf data/prepared models metrics reports mlflow.db mlartifacts mlruns dvc.lock

@@ -1,0 +1,217 @@
+"""The fleet flow: every model of params.yaml through prepare > teacher > distill > prune >
+quantize > evaluate, in parallel worker processes, then tracked in MLflow and reported.
+
+Stages are Prefect tasks (retried on transient failures; training ones tagged ``gpu``)
+that DVC skips when up to date and records when they ran. TensorFlow keeps global state
+per process, so tasks run in a process pool (``run.workers`` processes), never threads.
+A model whose stage fails for good stops there; the others go on, and the run reports
+which model failed at which stage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ProcessPoolTaskRunner
+
+from shrinkfleet import report, tracking, versioning
+from shrinkfleet.config import ConfigError, load_params
+from shrinkfleet.datasets import DatasetError
+from shrinkfleet.workspace import Workspace
+from tasks.distill import distill_task
+from tasks.evaluate import evaluate_task
+from tasks.prepare import prepare_task
+from tasks.prune import prune_task
+from tasks.quantize import quantize_task
+from tasks.teacher import teacher_task
+
+MODEL_TASKS = (
+    ("teacher", teacher_task),
+    ("distill", distill_task),
+    ("prune", prune_task),
+    ("quantize", quantize_task),
+    ("evaluate", evaluate_task),
+)
+STAGE_NAMES = ("prepare", *(name for name, _ in MODEL_TASKS))
+
+# The CLI sets this to draw progress; a deployment run falls back to printing.
+progress_hook: Callable[[dict[str, Any]], None] | None = None
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry unless the failure is a deterministic input error (bad config or data, wrong shapes)."""
+    try:
+        state.result()
+    except (ConfigError, DatasetError, ValueError, TypeError, KeyError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def _emit(event: dict[str, Any]) -> None:
+    if progress_hook is not None:
+        progress_hook(event)
+        return
+    status = event["status"]
+    extra = f" ({event['seconds']:.1f}s)" if "seconds" in event else ""
+    detail = f": {event['error']}" if event.get("error") else ""
+    print(f"{event['target']:<24} {event['stage']:<9} {status}{extra}{detail}")
+
+
+def _outcome(future: PrefectFuture) -> tuple[str, Any]:
+    """``("ok", result)``, ``("failed", error text)`` or ``("not-run", reason)`` of a finished future."""
+    try:
+        value = future.result(raise_on_failure=False)
+    except Exception as exc:
+        return "not-run", str(exc)
+    if isinstance(value, BaseException):
+        return "failed", f"{type(value).__name__}: {value}"
+    state = future.state
+    if state.is_completed() and isinstance(value, dict):
+        return "ok", value
+    if state.name == "NotReady" or state.is_pending():
+        return "not-run", "an earlier stage failed"
+    return "failed", str(state.message or state.name)
+
+
+def select_models(fleet_models: list[str], wanted: list[str] | None) -> list[str]:
+    """The fleet members to run, in fleet order.
+
+    Raises:
+        ConfigError: ``wanted`` names a model that is not in the fleet.
+    """
+    if not wanted:
+        return fleet_models
+    unknown = [m for m in wanted if m not in fleet_models]
+    if unknown:
+        raise ConfigError(f"--models: {', '.join(unknown)} not in the fleet (one of: {', '.join(fleet_models)})")
+    return [m for m in fleet_models if m in wanted]
+
+
+@flow(name="shrinkfleet-fleet", log_prints=True, task_runner=ProcessPoolTaskRunner(max_workers=2))
+def fleet_flow(
+    params_file: str = "params.yaml",
+    root: str = ".",
+    models: list[str] | None = None,
+    force: bool = False,
+    use_dvc: bool = True,
+    trigger: str = "manual",
+) -> dict[str, Any]:
+    """Compress every selected fleet member, track every variant, write the fleet report."""
+    from prefect.runtime import flow_run
+
+    root_p = Path(root).resolve()
+    params_p = Path(params_file)
+    params_p = (params_p if params_p.is_absolute() else root_p / params_p).resolve()
+    fleet = load_params(params_p)
+    names = select_models(fleet.model_names(), models)
+    ws = Workspace(root_p)
+    use_dvc = use_dvc and versioning.is_dvc_repo(root_p) and params_p == (root_p / "params.yaml").resolve()
+    opts = {"retries": fleet.run.retries, "retry_delay_seconds": fleet.run.retry_delay_seconds,
+            "retry_condition_fn": _transient}
+    common = {"root": str(root_p), "params_file": str(params_p), "use_dvc": use_dvc, "force": force}
+
+    experiment_id = tracking.setup(root_p, fleet.fleet)
+    tags = {
+        "git_sha": tracking.git_sha(root_p),
+        "trigger": trigger,
+        "prefect_flow_run_id": str(flow_run.id or ""),
+        "shrinkfleet.models": ",".join(names),
+        "shrinkfleet.dvc": str(use_dvc),
+    }
+    started = dt.datetime.now(dt.UTC)
+    results: dict[str, dict[str, Any]] = {m: {"status": "running", "stages": {}} for m in names}
+    with tracking.fleet_run(experiment_id, tags) as parent_run_id:
+        prep = {ds: prepare_task.with_options(**opts).submit(dataset=ds, **common)
+                for ds in fleet.datasets_in_use(names)}
+        owner: dict[Any, tuple[str | None, str]] = {f.task_run_id: (None, ds) for ds, f in prep.items()}
+        users = {ds: [m for m in names if fleet.models[m].dataset == ds] for ds in prep}
+        futures: list[PrefectFuture] = list(prep.values())
+        for m in names:
+            prev = prep[fleet.models[m].dataset]
+            for stage, task in MODEL_TASKS:
+                prev = task.with_options(**opts).submit(model=m, wait_for=[prev], **common)
+                owner[prev.task_run_id] = (m, stage)
+                futures.append(prev)
+
+        for future in as_completed(futures):
+            model, stage_or_ds = owner[future.task_run_id]
+            kind, value = _outcome(future)
+            affected = users[stage_or_ds] if model is None else [model]
+            stage = "prepare" if model is None else stage_or_ds
+            target = stage_or_ds if model is None else model
+            if kind == "ok":
+                for m in affected:
+                    results[m]["stages"][stage] = value["status"]
+                _emit({"stage": stage, "target": target, "status": value["status"], "seconds": value["seconds"]})
+                if stage == "evaluate":
+                    try:
+                        results[model]["run_id"] = _track(ws, fleet.resolve(model), results[model]["stages"],
+                                                          use_dvc)
+                        results[model]["status"] = "ok"
+                    except Exception as exc:
+                        results[model].update(status="failed", failed_stage="track",
+                                              error=f"{type(exc).__name__}: {exc}")
+                        _emit({"stage": "track", "target": model, "status": "failed", "error": str(exc)})
+            elif kind == "failed":
+                for m in affected:
+                    results[m].update(status="failed", failed_stage=stage, error=value)
+                _emit({"stage": stage, "target": target, "status": "failed", "error": value})
+            # "not-run": downstream of a failure, already reported through the failed stage.
+
+        failures = {m: f"{r['failed_stage']} failed: {r['error']}" for m, r in results.items()
+                    if r["status"] == "failed"}
+        for m in failures:
+            tracking.log_failed_model(m, results[m]["failed_stage"], results[m]["error"])
+        docs = report.load_metrics(ws, [m for m in names if results[m]["status"] == "ok"])
+        path = report.write_report(ws, docs, failures, {
+            "fleet": fleet.fleet,
+            "started": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "git": tags["git_sha"],
+            "trigger": trigger,
+            "models": f"{len(names) - len(failures)} of {len(names)} finished",
+            "MLflow run": parent_run_id,
+        })
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path="report")
+        mlflow.log_metrics({"models_ok": len(names) - len(failures), "models_failed": len(failures)})
+        if failures:
+            mlflow.set_tag("shrinkfleet.failed_models", ",".join(failures))
+    return {"models": results, "report": str(path), "parent_run_id": parent_run_id, "use_dvc": use_dvc}
+
+
+def _track(ws: Workspace, cfg: Any, stages: dict[str, str], use_dvc: bool) -> str:
+    doc = report.load_metrics(ws, [cfg.name])[cfg.name]
+    hashes: dict[str, str] = {}
+    if use_dvc:
+        for stage in STAGE_NAMES[1:]:
+            hashes.update(versioning.out_hashes(ws.root, f"{stage}@{cfg.name}"))
+        hashes.update(versioning.out_hashes(ws.root, f"prepare@{cfg.dataset_name}"))
+    return tracking.log_model(ws.root, cfg, doc, stages, hashes, ws.prepared(cfg.dataset_name))
+
+
+def run_fleet(
+    params_file: Path,
+    root: Path,
+    models: list[str] | None = None,
+    force: bool = False,
+    use_dvc: bool = True,
+    trigger: str = "manual",
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Run the fleet flow with the worker count from params.yaml (or ``workers``)."""
+    from flows.server import prefect_api
+
+    fleet = load_params(params_file)
+    n = workers or fleet.run.workers
+    with prefect_api():
+        configured = fleet_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=n))
+        return configured(params_file=str(params_file), root=str(root), models=models, force=force,
+                          use_dvc=use_dvc, trigger=trigger)

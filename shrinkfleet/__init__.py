@@ -1,0 +1,14 @@
+"""shrinkfleet: nightly compression of whole fleets of deep-learning models.
+
+Importing the package pins Keras to ``tf_keras`` (Keras 2): TFMOT does not support
+Keras 3, and ``TF_USE_LEGACY_KERAS`` only takes effect when it is set before the first
+``import tensorflow`` anywhere in the process.
+"""
+
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+# TensorFlow's C++ start-up banners (oneDNN, CUDA probing) drown the report on CPU hosts.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+__version__ = "0.1.0"

@@ -1,0 +1,270 @@
+"""The ``shrinkfleet`` command line.
+
+Exit codes: 0 every model finished; 1 at least one model failed (the report names it);
+2 bad input (params, data, paths), reported before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+app = typer.Typer(
+    name="shrinkfleet",
+    help="Compress a whole fleet of models every night: distil, prune, quantize, evaluate, track.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Off a terminal (CI logs, `make run | tee`), Rich would wrap the variant table at 80 columns.
+console = Console() if Console().is_terminal else Console(width=150)
+err = Console(stderr=True)
+
+ParamsOpt = Annotated[
+    Path | None,
+    typer.Option("--params", "-p", help="Fleet definition (default: <root>/params.yaml).", show_default=False),
+]
+RootOpt = Annotated[
+    Path,
+    typer.Option("--root", help="Project folder holding dvc.yaml; artifacts are written under it."),
+]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _paths(root: Path, params: Path | None) -> tuple[Path, Path]:
+    root = root.resolve()
+    params = (params or root / "params.yaml").resolve()
+    return root, params
+
+
+def _load(params: Path):
+    from shrinkfleet.config import ConfigError, load_params
+
+    try:
+        return load_params(params)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def preflight(fleet: Any, params: Path, root: Path, models: list[str]) -> list[str]:
+    """Problems that would stop the run later, found now: missing data files, unwritable root."""
+    from shrinkfleet.config import resolve_path
+
+    problems = []
+    for ds in fleet.datasets_in_use(models):
+        spec = fleet.datasets[ds]
+        if spec.source != "sklearn":
+            path = resolve_path(spec.path, params.parent)
+            if not path.exists():
+                problems.append(f"datasets.{ds}.path: {path} does not exist")
+    if not os.access(root, os.W_OK):
+        problems.append(f"{root}: the project folder is not writable (artifacts go under it)")
+    return problems
+
+
+@app.command()
+def run(
+    models: Annotated[
+        str | None, typer.Option("--models", "-m", help="Comma-separated fleet members to run (default: all).")
+    ] = None,
+    params: ParamsOpt = None,
+    root: RootOpt = Path("."),
+    force: Annotated[
+        bool, typer.Option("--force", help="Re-run every stage even if DVC says it is up to date.")
+    ] = False,
+    no_dvc: Annotated[bool, typer.Option("--no-dvc", help="Neither skip nor record stages with DVC.")] = False,
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-w", min=1, help="Worker processes (default: run.workers).")
+    ] = None,
+    trigger: Annotated[str, typer.Option(help="Recorded in MLflow as the run's trigger tag.")] = "manual",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's own log lines.")] = False,
+) -> None:
+    """Run the fleet: every stage of every model, then print and write the report.
+
+    Stages DVC reports up to date are skipped, so a rerun with nothing changed trains
+    nothing. Exit code 0 only if every model finished.
+    """
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    root, params = _paths(root, params)
+    fleet = _load(params)
+    wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    from shrinkfleet.config import ConfigError
+
+    try:
+        from flows.fleet import select_models
+
+        names = select_models(fleet.model_names(), wanted)
+    except ConfigError as exc:
+        _fail(str(exc))
+    problems = preflight(fleet, params, root, names)
+    if problems:
+        _fail("cannot start:\n  " + "\n  ".join(problems))
+    from shrinkfleet import versioning
+
+    use_dvc = not no_dvc
+    if use_dvc and not versioning.is_dvc_repo(root):
+        err.print(f"[yellow]note:[/] {root} has no .dvc/ or dvc.yaml: stages are neither skipped nor recorded "
+                  "(run `dvc init` to turn that on)", soft_wrap=True)
+        use_dvc = False
+    elif use_dvc and params != root / "params.yaml":
+        err.print(f"[yellow]note:[/] DVC tracks {root / 'params.yaml'}; with --params {params} stages always run "
+                  "and are not recorded", soft_wrap=True)
+
+    console.print(f"[bold]shrinkfleet[/] fleet [cyan]{fleet.fleet}[/]: {len(names)} model(s), "
+                  f"{workers or fleet.run.workers} worker(s), DVC {'on' if use_dvc else 'off'}")
+    start = time.perf_counter()
+    summary = _run_with_progress(params, root, names, force, use_dvc, trigger, workers)
+    elapsed = time.perf_counter() - start
+    _print_summary(root, names, summary, elapsed)
+    failed = [m for m, r in summary["models"].items() if r["status"] != "ok"]
+    raise typer.Exit(1 if failed else 0)
+
+
+def _run_with_progress(params: Path, root: Path, names: list[str], force: bool, use_dvc: bool, trigger: str,
+                       workers: int | None) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import flows.fleet as fleet_flow
+
+    progress = Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=False)
+    bars = {m: progress.add_task(f"{m}: waiting", total=len(fleet_flow.STAGE_NAMES)) for m in names}
+    fleet = _load(params)
+    by_dataset: dict[str, list[str]] = {}
+    for m in names:
+        by_dataset.setdefault(fleet.models[m].dataset, []).append(m)
+
+    def hook(event: dict[str, Any]) -> None:
+        targets = by_dataset.get(event["target"], []) if event["stage"] == "prepare" else [event["target"]]
+        for m in targets:
+            if m not in bars:
+                continue
+            if event["status"] == "failed":
+                progress.update(bars[m], description=f"[red]{m}: {event['stage']} failed")
+                progress.console.print(f"[red]✗ {m} {event['stage']}:[/] {event.get('error', '')}", highlight=False)
+            else:
+                progress.advance(bars[m])
+                done = progress.tasks[bars[m]].completed
+                label = "done" if done >= len(fleet_flow.STAGE_NAMES) else f"{event['stage']} {event['status']}"
+                progress.update(bars[m], description=f"{m}: {label}")
+
+    fleet_flow.progress_hook = hook
+    try:
+        with progress:
+            return fleet_flow.run_fleet(params, root, names, force=force, use_dvc=use_dvc, trigger=trigger,
+                                        workers=workers)
+    finally:
+        fleet_flow.progress_hook = None
+
+
+def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapsed: float) -> None:
+    from rich.table import Table
+
+    from shrinkfleet import report
+    from shrinkfleet.workspace import Workspace
+
+    ws = Workspace(root)
+    ok = [m for m in names if summary["models"][m]["status"] == "ok"]
+    docs = report.load_metrics(ws, ok)
+    if docs:
+        table = report.formatted(report.variant_table(docs))
+        t = Table(title="Fleet variants", show_lines=False)
+        for col in table.columns:
+            t.add_column(col, justify="left" if col in ("model", "variant") else "right")
+        for row in table.itertuples(index=False):
+            t.add_row(*[str(v) for v in row])
+        console.print(t)
+    for m in names:
+        r = summary["models"][m]
+        if r["status"] != "ok":
+            console.print(f"[red]✗ {m}[/]: {r.get('failed_stage', '?')} failed: {r.get('error', 'not run')}",
+                          highlight=False)
+        else:
+            ran = [s for s, st in r["stages"].items() if st == "ran"]
+            console.print(f"[green]✓ {m}[/]: {'ran ' + ', '.join(ran) if ran else 'up to date, nothing ran'}")
+    console.print(f"Report: {summary['report']}   MLflow parent run: {summary['parent_run_id']}   "
+                  f"wall time {elapsed:.0f}s")
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="prepare | teacher | distill | prune | quantize | evaluate")],
+    target: Annotated[str, typer.Argument(help="A dataset name (prepare) or a model name (other stages).")],
+    params: ParamsOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """Run one stage for one target, without Prefect or DVC bookkeeping (what dvc.yaml calls)."""
+    from shrinkfleet.config import STAGES, ConfigError
+    from shrinkfleet.datasets import DatasetError
+
+    if name not in STAGES:
+        _fail(f"unknown stage {name!r}; one of: {', '.join(STAGES)}")
+    root, params = _paths(root, params)
+    fleet = _load(params)
+    names = fleet.datasets if name == "prepare" else fleet.models
+    if target not in names:
+        kind = "dataset" if name == "prepare" else "model"
+        _fail(f"{target!r} is not a {kind} of the fleet (one of: {', '.join(names)})")
+    import importlib
+
+    from tasks.common import context
+
+    module = importlib.import_module(f"tasks.{name}")
+    start = time.perf_counter()
+    try:
+        summary = module.run(context(root, params), target)
+    except (ConfigError, DatasetError) as exc:
+        _fail(str(exc))
+    console.print(f"{name}@{target}: done in {time.perf_counter() - start:.1f}s {summary}", highlight=False)
+
+
+@app.command()
+def validate(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
+    """Check params.yaml (keys, types, ranges, dataset paths) without running anything."""
+    root, params = _paths(root, params)
+    fleet = _load(params)
+    problems = preflight(fleet, params, root, fleet.model_names())
+    if problems:
+        _fail("\n  ".join([f"{params}:", *problems]))
+    console.print(f"{params}: fleet [cyan]{fleet.fleet}[/] is valid: {len(fleet.models)} model(s) "
+                  f"({', '.join(fleet.models)}) on {len(fleet.datasets_in_use())} dataset(s)")
+
+
+@app.command()
+def report(
+    models: Annotated[str | None, typer.Option("--models", "-m", help="Comma-separated models (default: all).")] = None,
+    params: ParamsOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """Print the variant table from the last metrics/<model>.json files."""
+    from shrinkfleet import report as rep
+    from shrinkfleet.workspace import Workspace
+
+    root, params = _paths(root, params)
+    fleet = _load(params)
+    names = [m.strip() for m in models.split(",")] if models else fleet.model_names()
+    docs = rep.load_metrics(Workspace(root), names)
+    if not docs:
+        _fail("no metrics yet: run `shrinkfleet run` first", code=1)
+    console.print(rep.formatted(rep.variant_table(docs)).to_markdown(index=False))
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="shrinkfleet")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

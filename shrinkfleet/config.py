@@ -1,0 +1,425 @@
+"""The fleet definition (``params.yaml``) as a strict, typed schema.
+
+``params.yaml`` has one section per stage holding the fleet-wide defaults, a ``datasets:``
+mapping and a ``models:`` mapping keyed by model name. Each model names its dataset, its
+teacher and student architectures and, per stage, the settings it overrides (``{}`` for
+none). Every model lists every stage section, even when empty, because DVC tracks each
+``models.<name>.<stage>`` key separately: editing one model's ``prune`` settings re-runs
+only that model's prune and later stages, never its teacher.
+
+``models`` is a mapping, not a list, so that DVC names stages by model
+(``teacher@digits-cnn``) instead of by position (``teacher@0``).
+
+Errors name the key path (``models.digits-cnn.prune.target_sparsity``), say what is
+allowed and are raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+STAGES = ("prepare", "teacher", "distill", "prune", "quantize", "evaluate")
+MODEL_STAGES = STAGES[1:]
+QUANT_MODES = ("float32", "float16", "dynamic", "int8")
+SKLEARN_SETS = ("digits", "breast_cancer", "wine", "iris")
+
+
+class ConfigError(ValueError):
+    """params.yaml (or a value derived from it) is invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class SplitConfig(_Strict):
+    """How every dataset is split into train/val/test."""
+
+    val_fraction: float = Field(
+        0.15, gt=0, lt=0.5, description="Share of the training pool held out for validation."
+    )
+    test_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=0.5,
+        description="Share of the data held out for testing when the source has no test split.",
+    )
+
+
+class _DatasetBase(_Strict):
+    limit: int | None = Field(
+        None, gt=0, description="Keep at most this many training samples (stratified); None keeps all."
+    )
+    limit_test: int | None = Field(
+        None, gt=0, description="Keep at most this many test samples (stratified); None keeps all."
+    )
+
+
+class SklearnDataset(_DatasetBase):
+    """A dataset bundled with scikit-learn (no download)."""
+
+    source: Literal["sklearn"] = "sklearn"
+    name: Literal["digits", "breast_cancer", "wine", "iris"] = Field(
+        description="Which bundled set: digits (8x8 images) or a tabular set."
+    )
+
+
+class MnistDataset(_DatasetBase):
+    """MNIST (or Fashion-MNIST) in the original IDX gz files."""
+
+    source: Literal["mnist"] = "mnist"
+    path: str = Field(description="Folder holding *-images-idx3-ubyte.gz and *-labels-idx1-ubyte.gz.")
+
+
+class Cifar10Dataset(_DatasetBase):
+    """CIFAR-10, the 'python version' tarball (cifar-10-python.tar.gz)."""
+
+    source: Literal["cifar10"] = "cifar10"
+    path: str = Field(description="Path of cifar-10-python.tar.gz.")
+
+
+class NpzDataset(_DatasetBase):
+    """Your own arrays: x_train/y_train/x_test/y_test, or x/y split by shrinkfleet."""
+
+    source: Literal["npz"] = "npz"
+    path: str = Field(description="Path of the .npz file.")
+    kind: Literal["image", "tabular"] = Field(
+        "tabular", description="image: scaled to [0, 1]; tabular: standardised on the train split."
+    )
+
+
+DatasetSpec = Annotated[
+    SklearnDataset | MnistDataset | Cifar10Dataset | NpzDataset, Field(discriminator="source")
+]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class _TrainOverrides(_Strict):
+    epochs: int | None = Field(None, ge=1, le=10_000, description="Override of the stage's epochs.")
+    batch_size: int | None = Field(None, ge=1, description="Override of the stage's batch size.")
+    learning_rate: float | None = Field(None, gt=0, lt=1, description="Override of the stage's Adam learning rate.")
+
+
+class MlpArch(_TrainOverrides):
+    """A multi-layer perceptron (inputs are flattened first)."""
+
+    arch: Literal["mlp"] = "mlp"
+    hidden: list[Annotated[int, Field(ge=1)]] = Field([64, 32], min_length=1, description="Units per hidden layer.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer.")
+
+
+class CnnArch(_TrainOverrides):
+    """A small convolutional network for images: conv/relu/max-pool blocks, then dense layers."""
+
+    arch: Literal["cnn"] = "cnn"
+    filters: list[Annotated[int, Field(ge=1)]] = Field([16, 32], min_length=1, description="Filters per conv block.")
+    kernel_size: int = Field(3, ge=1, le=11, description="Square kernel size of every conv layer.")
+    dense: list[Annotated[int, Field(ge=1)]] = Field([64], description="Units of the dense layers after the convs.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
+
+
+ArchSpec = Annotated[MlpArch | CnnArch, Field(discriminator="arch")]
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class TrainConfig(_Strict):
+    """Supervised training of the teacher."""
+
+    epochs: int = Field(30, ge=1, le=10_000, description="Passes over the training split.")
+    batch_size: int = Field(64, ge=1, description="Samples per gradient step.")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="Adam learning rate.")
+    patience: int = Field(
+        5, ge=0, description="Stop after this many epochs without val-loss improvement (0 = never)."
+    )
+
+
+class DistillConfig(_Strict):
+    """Knowledge distillation of the student from the teacher (Hinton et al., 2015)."""
+
+    temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature T of the soft targets.")
+    alpha: float = Field(
+        0.1, ge=0, le=1, description="Weight of the hard-label cross-entropy; 1 - alpha weighs the KL term."
+    )
+    epochs: int = Field(40, ge=1, le=10_000, description="Passes over the training split.")
+    batch_size: int = Field(64, ge=1, description="Samples per gradient step.")
+    learning_rate: float = Field(2e-3, gt=0, lt=1, description="Adam learning rate.")
+    patience: int = Field(8, ge=0, description="Early-stopping patience on val loss (0 = never).")
+
+
+class PruneConfig(_Strict):
+    """TFMOT magnitude pruning with a polynomial-decay sparsity schedule, then fine-tuning."""
+
+    target_sparsity: float = Field(0.8, ge=0, lt=1, description="Fraction of zero weights reached at the end.")
+    initial_sparsity: float = Field(0.0, ge=0, lt=1, description="Fraction of zero weights at the first step.")
+    epochs: int = Field(15, ge=1, le=10_000, description="Fine-tuning epochs while the schedule runs.")
+    batch_size: int = Field(64, ge=1, description="Samples per gradient step.")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="Adam learning rate while pruning.")
+    frequency: int = Field(10, ge=1, description="Steps between two mask updates.")
+    power: float = Field(3.0, gt=0, description="Exponent of the polynomial decay.")
+    end_fraction: float = Field(
+        0.75, gt=0, le=1, description="Share of the fine-tuning steps after which the target is reached."
+    )
+
+    @field_validator("initial_sparsity")
+    @classmethod
+    def _below_target(cls, v: float, info: Any) -> float:
+        target = info.data.get("target_sparsity")
+        if target is not None and v > target:
+            raise ValueError(f"must be <= target_sparsity ({target})")
+        return v
+
+
+class QuantizeConfig(_Strict):
+    """Post-training conversion of the pruned student to TFLite flatbuffers."""
+
+    modes: list[Literal["float32", "float16", "dynamic", "int8"]] = Field(
+        list(QUANT_MODES), min_length=1, description="Which TFLite variants to write."
+    )
+    representative_samples: int = Field(
+        200, ge=1, description="Train samples used to calibrate full-integer int8 ranges."
+    )
+
+    @field_validator("modes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a mode twice: {v}")
+        return v
+
+
+class EvaluateConfig(_Strict):
+    """How every variant is measured."""
+
+    latency_runs: int = Field(100, ge=1, description="Timed single-sample inferences per variant.")
+    latency_warmup: int = Field(10, ge=0, description="Untimed inferences before timing.")
+
+
+class RunConfig(_Strict):
+    """How the Prefect flow executes the fleet."""
+
+    workers: int = Field(2, ge=1, le=256, description="Worker processes that run stages in parallel.")
+    retries: int = Field(2, ge=0, le=10, description="Retries of a stage after a transient failure.")
+    retry_delay_seconds: float = Field(5.0, ge=0, description="Wait before a retry.")
+    mixed_precision: bool = Field(False, description="Train in mixed_float16 on GPUs (ignored on CPU).")
+
+
+# ----------------------------------------------------------------------------- per model
+
+
+class _SectionOverrides(_Strict):
+    """A model's overrides of one stage section; validated again after merging."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One fleet member as written in params.yaml."""
+
+    dataset: str = Field(description="Name of an entry in datasets:.")
+    teacher: ArchSpec = Field(description="Teacher architecture (+ optional training overrides).")
+    student: ArchSpec = Field(description="Student architecture (+ optional distill-training overrides).")
+    distill: dict[str, Any] = Field(description="Overrides of the distill: section ({} for none).")
+    prune: dict[str, Any] = Field(description="Overrides of the prune: section ({} for none).")
+    quantize: dict[str, Any] = Field(description="Overrides of the quantize: section ({} for none).")
+
+
+class ResolvedModel(_Strict):
+    """A fleet member with every section resolved: what the stages actually read."""
+
+    name: str
+    seed: int
+    dataset_name: str
+    dataset: DatasetSpec
+    split: SplitConfig
+    teacher_arch: ArchSpec
+    teacher: TrainConfig
+    student_arch: ArchSpec
+    distill: DistillConfig
+    prune: PruneConfig
+    quantize: QuantizeConfig
+    evaluate: EvaluateConfig
+
+    def flat_params(self) -> dict[str, Any]:
+        """Every resolved setting as a flat ``section.key -> value`` dict (for MLflow)."""
+        out: dict[str, Any] = {"seed": self.seed, "dataset": self.dataset_name}
+        for section in ("dataset", "split", "teacher_arch", "teacher", "student_arch",
+                        "distill", "prune", "quantize", "evaluate"):
+            for key, value in getattr(self, section).model_dump().items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+class FleetConfig(_Strict):
+    """The whole params.yaml."""
+
+    fleet: str = Field(
+        "default", pattern=NAME_PATTERN, description="Fleet name; the MLflow experiment is shrinkfleet/<fleet>."
+    )
+    seed: int = Field(42, ge=0, description="Seed of every split, initialisation and shuffle.")
+    run: RunConfig = RunConfig()
+    data: SplitConfig = SplitConfig()
+    teacher: TrainConfig = TrainConfig()
+    distill: DistillConfig = DistillConfig()
+    prune: PruneConfig = PruneConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    datasets: dict[str, DatasetSpec] = Field(description="Datasets by name.")
+    models: dict[str, ModelSpec] = Field(description="The fleet: models by name.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _mapping(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            raise ValueError(
+                "must be a mapping keyed by model name (models: {digits-cnn: {...}}), not a list; "
+                "DVC names foreach stages by key, so a list would give stages teacher@0, teacher@1"
+            )
+        if isinstance(v, dict) and not v:
+            raise ValueError("the fleet is empty: list at least one model")
+        return v
+
+    @field_validator("models", "datasets")
+    @classmethod
+    def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            if not re.match(NAME_PATTERN, str(name)):
+                raise ValueError(
+                    f"name {name!r} must be lower-case letters, digits, '-' or '_' (at most 63 characters)"
+                )
+        return v
+
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+    def resolve(self, name: str) -> ResolvedModel:
+        """Merge the fleet defaults with one model's overrides and validate the result."""
+        if name not in self.models:
+            raise ConfigError(f"models.{name}: no such model; the fleet has {', '.join(self.models)}")
+        spec = self.models[name]
+        errors: list[str] = []
+
+        def merged(cls: type[BaseModel], base: BaseModel, overrides: dict[str, Any], section: str) -> Any:
+            try:
+                return cls.model_validate({**base.model_dump(), **overrides})
+            except ValidationError as exc:
+                errors.append(_format_errors(exc, prefix=f"models.{name}.{section}").split("\n  ", 1)[1])
+                return None
+
+        sections = {
+            "teacher": merged(TrainConfig, self.teacher, _train_overrides(spec.teacher), "teacher"),
+            "distill": merged(
+                DistillConfig, self.distill, {**_train_overrides(spec.student), **spec.distill}, "distill"
+            ),
+            "prune": merged(PruneConfig, self.prune, spec.prune, "prune"),
+            "quantize": merged(QuantizeConfig, self.quantize, spec.quantize, "quantize"),
+        }
+        if spec.dataset not in self.datasets:
+            errors.append(
+                f"models.{name}.dataset: {spec.dataset!r} is not in datasets: (one of: {', '.join(self.datasets)})"
+            )
+        if errors:
+            raise ConfigError("invalid fleet definition\n  " + "\n  ".join(errors))
+        return ResolvedModel(
+            name=name,
+            seed=self.seed,
+            dataset_name=spec.dataset,
+            dataset=self.datasets[spec.dataset],
+            split=self.data,
+            teacher_arch=spec.teacher,
+            student_arch=spec.student,
+            evaluate=self.evaluate,
+            **sections,
+        )
+
+    def datasets_in_use(self, models: list[str] | None = None) -> list[str]:
+        names = models or self.model_names()
+        return sorted({self.models[m].dataset for m in names})
+
+
+def _train_overrides(arch: MlpArch | CnnArch) -> dict[str, Any]:
+    return {k: v for k in ("epochs", "batch_size", "learning_rate") if (v := getattr(arch, k)) is not None}
+
+
+def _format_errors(exc: ValidationError, prefix: str = "", source: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        # Discriminated unions add the chosen tag ('mlp', 'sklearn') to the path: drop it.
+        loc = [p for i, p in enumerate(loc) if not (i > 0 and _is_tag(p))]
+        path = ".".join([prefix, *loc] if prefix else loc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; allowed keys are documented in params.yaml)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+            if loc and loc[-1] in ("distill", "prune", "quantize"):
+                msg += f" (write `{loc[-1]}: {{}}` to take the fleet defaults)"
+        elif err["type"] == "literal_error":
+            msg = msg.replace("must be", "must be one of:")
+        elif err["type"] == "union_tag_invalid":
+            path += "." + err["ctx"]["discriminator"].strip("'")
+            msg = f"{err['ctx']['tag']!r} is not one of: {err['ctx']['expected_tags']}"
+        lines.append(f"{path}: {msg}")
+    head = f"{source}: invalid fleet definition" if source else "invalid fleet definition"
+    return head + "\n  " + "\n  ".join(lines)
+
+
+def _is_tag(part: str) -> bool:
+    return part in {"mlp", "cnn", "sklearn", "mnist", "cifar10", "npz"}
+
+
+def load_params(path: Path | str) -> FleetConfig:
+    """Read, validate and cross-check a params.yaml.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not YAML, or a key is wrong;
+            the message names the file and every offending key path.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the fleet definition ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a YAML mapping with datasets: and models:")
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> FleetConfig:
+    """Validate an already-parsed params mapping (see :func:`load_params`)."""
+    try:
+        fleet = FleetConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source=source)) from None
+    problems = []
+    for name in fleet.models:
+        try:
+            fleet.resolve(name)
+        except ConfigError as exc:
+            problems.append(str(exc).split("\n  ", 1)[1])
+    if problems:
+        raise ConfigError(f"{source}: invalid fleet definition\n  " + "\n  ".join(problems))
+    return fleet
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """A dataset path from params.yaml: absolute, or relative to the params file's folder."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)

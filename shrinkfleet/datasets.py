@@ -1,0 +1,412 @@
+"""Dataset loaders and the pure part of the prepare stage.
+
+Sources: scikit-learn's bundled sets, MNIST IDX files, the CIFAR-10 "python version"
+tarball and a generic ``.npz``. Every loader checks its format and raises
+:class:`DatasetError` naming the file and what is wrong, before any training starts.
+
+A prepared dataset is three splits plus ``meta.json`` (kind, input shape, classes,
+normalisation and a content digest) written to ``data/prepared/<name>/``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import pickle
+import re
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from shrinkfleet.config import DatasetSpec, SplitConfig, resolve_path
+from shrinkfleet.storage import atomic_dir
+
+SPLITS = ("train", "val", "test")
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, corrupt or not in the expected format."""
+
+
+@dataclass
+class RawData:
+    """What a loader returns: a training pool and, when the source has one, a test split."""
+
+    x: np.ndarray
+    y: np.ndarray
+    kind: str  # "image" or "tabular"
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+    scale: float | None = None  # images: the value that maps to 1.0
+    class_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Split:
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Prepared:
+    """A prepared dataset: normalised splits plus their description."""
+
+    train: Split
+    val: Split
+    test: Split
+    meta: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["input_shape"])
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def load_sklearn(name: str) -> RawData:
+    """One of scikit-learn's bundled sets (no download)."""
+    from sklearn import datasets as skd
+
+    loader = {
+        "digits": skd.load_digits,
+        "breast_cancer": skd.load_breast_cancer,
+        "wine": skd.load_wine,
+        "iris": skd.load_iris,
+    }[name]
+    bunch = loader()
+    names = [str(n) for n in getattr(bunch, "target_names", [])]
+    if name == "digits":
+        x = bunch.images.astype(np.float32)[..., None]  # (N, 8, 8, 1), values 0..16
+        return RawData(x=x, y=bunch.target.astype(np.int64), kind="image", scale=16.0, class_names=names)
+    return RawData(x=bunch.data.astype(np.float32), y=bunch.target.astype(np.int64), kind="tabular", class_names=names)
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DatasetError(f"{path}: cannot read IDX file ({exc})") from None
+    if len(data) < 8:
+        raise DatasetError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise DatasetError(f"{path}: wrong IDX magic number {found}, expected {magic}")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(data) - offset != expected:
+        raise DatasetError(
+            f"{path}: truncated or padded: header says {dims} ({expected} bytes), file has {len(data) - offset}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _idx_pair(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray] | None:
+    images = sorted(folder.glob(f"{prefix}-images-idx3-ubyte*"))
+    labels = sorted(folder.glob(f"{prefix}-labels-idx1-ubyte*"))
+    if not images and not labels:
+        return None
+    if not images or not labels:
+        raise DatasetError(f"{folder}: {prefix} images and labels must both be present")
+    x = _read_idx(images[0], IDX_IMAGES_MAGIC)
+    y = _read_idx(labels[0], IDX_LABELS_MAGIC)
+    if len(x) != len(y):
+        raise DatasetError(f"{folder}: {len(x)} {prefix} images but {len(y)} labels")
+    return x, y.astype(np.int64)
+
+
+def load_mnist(folder: Path) -> RawData:
+    """MNIST-format IDX files: ``train-*`` and/or ``t10k-*`` images and labels (gz or raw).
+
+    With both present, t10k is the test split; with one pair, it is the pool that
+    shrinkfleet splits.
+    """
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: MNIST folder not found")
+    train = _idx_pair(folder, "train")
+    test = _idx_pair(folder, "t10k")
+    if train is None and test is None:
+        raise DatasetError(f"{folder}: no *-images-idx3-ubyte[.gz] / *-labels-idx1-ubyte[.gz] files")
+    pool, held_out = (train, test) if train is not None else (test, None)
+    x = pool[0][..., None]
+    raw = RawData(x=x, y=pool[1], kind="image", scale=255.0, class_names=[str(i) for i in range(10)])
+    if held_out is not None:
+        raw.x_test, raw.y_test = held_out[0][..., None], held_out[1]
+    return raw
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only dicts, lists, strings, numbers and numpy arrays (CIFAR's batches).
+
+    A pickle can run arbitrary code; this refuses every global except numpy's array
+    reconstruction, so a tampered tarball cannot execute anything.
+    """
+
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _cifar_batch(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> tuple[np.ndarray, np.ndarray]:
+    f = tar.extractfile(member)
+    if f is None:
+        raise DatasetError(f"{where}: {member.name} is not a file")
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, KeyError, EOFError, TypeError, ValueError) as exc:
+        raise DatasetError(f"{where}: {member.name} is not a CIFAR-10 batch ({exc})") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise DatasetError(f"{where}: {member.name} has data {data.shape} and {len(labels)} labels")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def load_cifar10(path: Path) -> RawData:
+    """The CIFAR-10 "python version" tarball (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``)."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: CIFAR-10 tarball not found")
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            train_names = sorted(n for n in members if re.fullmatch(r"data_batch_\d+", n))
+            if not train_names or "test_batch" not in members:
+                raise DatasetError(f"{path}: no data_batch_* / test_batch inside; is it cifar-10-python.tar.gz?")
+            parts = [_cifar_batch(tar, members[n], str(path)) for n in train_names]
+            x_test, y_test = _cifar_batch(tar, members["test_batch"], str(path))
+            names: list[str] = []
+            if "batches.meta" in members:
+                meta = _ArrayUnpickler(io.BytesIO(tar.extractfile(members["batches.meta"]).read()), encoding="bytes")
+                names = [n.decode() for n in meta.load().get(b"label_names", [])]
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DatasetError(f"{path}: cannot read the tarball ({exc})") from None
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    return RawData(x=x, y=y, kind="image", x_test=x_test, y_test=y_test, scale=255.0, class_names=names)
+
+
+def load_npz(path: Path, kind: str) -> RawData:
+    """A ``.npz`` with x_train/y_train/x_test/y_test, or x/y (shrinkfleet splits it)."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: .npz file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"{path}: cannot read as .npz ({exc})") from None
+    if {"x_train", "y_train"} <= arrays.keys():
+        raw = RawData(x=arrays["x_train"], y=arrays["y_train"], kind=kind)
+        if {"x_test", "y_test"} <= arrays.keys():
+            raw.x_test, raw.y_test = arrays["x_test"], arrays["y_test"]
+    elif {"x", "y"} <= arrays.keys():
+        raw = RawData(x=arrays["x"], y=arrays["y"], kind=kind)
+    else:
+        raise DatasetError(
+            f"{path}: needs arrays x_train/y_train (+ x_test/y_test) or x/y; it has {sorted(arrays) or 'none'}"
+        )
+    if kind == "image" and np.issubdtype(raw.x.dtype, np.integer):
+        raw.scale = 255.0
+    return raw
+
+
+def load_raw(spec: DatasetSpec, base_dir: Path) -> RawData:
+    """Load and check a dataset as params.yaml describes it (paths relative to ``base_dir``)."""
+    if spec.source == "sklearn":
+        raw = load_sklearn(spec.name)
+    elif spec.source == "mnist":
+        raw = load_mnist(resolve_path(spec.path, base_dir))
+    elif spec.source == "cifar10":
+        raw = load_cifar10(resolve_path(spec.path, base_dir))
+    else:
+        raw = load_npz(resolve_path(spec.path, base_dir), spec.kind)
+    check_raw(raw, where=getattr(spec, "path", getattr(spec, "name", "dataset")))
+    return raw
+
+
+def check_raw(raw: RawData, where: str) -> None:
+    """Reject shapes, labels and values that would fail (or silently mislead) training."""
+    pairs = [("x/y", raw.x, raw.y)]
+    if raw.x_test is not None:
+        pairs.append(("x_test/y_test", raw.x_test, raw.y_test))
+    for label, x, y in pairs:
+        if x.ndim < 2:
+            raise DatasetError(f"{where}: {label}: features must be at least 2-D (samples x features), got {x.shape}")
+        if y.ndim != 1:
+            raise DatasetError(f"{where}: {label}: labels must be 1-D class ids, got shape {y.shape}")
+        if len(x) != len(y):
+            raise DatasetError(f"{where}: {label}: {len(x)} samples but {len(y)} labels")
+        if len(y) == 0:
+            raise DatasetError(f"{where}: {label}: no samples")
+        if not np.issubdtype(x.dtype, np.number):
+            raise DatasetError(f"{where}: {label}: features must be numeric, got {x.dtype}")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            bad = int((~np.isfinite(x)).sum())
+            raise DatasetError(f"{where}: {label}: {bad} feature values are NaN or infinite")
+        whole = np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))
+        if not (np.issubdtype(y.dtype, np.integer) or whole):
+            raise DatasetError(f"{where}: {label}: labels must be integer class ids 0..C-1, got {y.dtype}")
+        if y.min() < 0:
+            raise DatasetError(f"{where}: {label}: labels must be class ids >= 0, found {int(y.min())}")
+    if raw.x_test is not None:
+        if raw.x_test.shape[1:] != raw.x.shape[1:]:
+            raise DatasetError(f"{where}: test features {raw.x_test.shape[1:]} differ from train {raw.x.shape[1:]}")
+        n_classes = int(raw.y.max()) + 1
+        if int(raw.y_test.max()) >= n_classes:
+            raise DatasetError(
+                f"{where}: test label {int(raw.y_test.max())} is outside the training classes 0..{n_classes - 1}"
+            )
+    if len(np.unique(raw.y)) < 2:
+        raise DatasetError(f"{where}: needs at least 2 classes, found {np.unique(raw.y).tolist()}")
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def _stratified(y: np.ndarray, size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held) with ``size`` held out, stratified when every class allows it."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    _, counts = np.unique(y, return_counts=True)
+    n_held = size if isinstance(size, int) else round(size * len(y))
+    strat = y if counts.min() >= 2 and n_held >= len(counts) and len(y) - n_held >= len(counts) else None
+    kept, held = train_test_split(idx, test_size=size, random_state=seed, stratify=strat)
+    return np.sort(kept), np.sort(held)
+
+
+def prepare(raw: RawData, split: SplitConfig, seed: int, limit: int | None = None,
+            limit_test: int | None = None) -> Prepared:
+    """Split (seeded, stratified), subsample and normalise a loaded dataset.
+
+    Normalisation statistics come from the train split only. Images are scaled to
+    [0, 1]; tabular features are standardised (zero mean, unit variance per feature).
+    """
+    x, y = raw.x, raw.y.astype(np.int64)
+    if raw.x_test is None:
+        pool, test = _stratified(y, split.test_fraction, seed)
+        x_test, y_test = x[test], y[test]
+        x, y = x[pool], y[pool]
+    else:
+        x_test, y_test = raw.x_test, raw.y_test.astype(np.int64)
+    keep, val = _stratified(y, split.val_fraction, seed + 1)
+    x_val, y_val, x_tr, y_tr = x[val], y[val], x[keep], y[keep]
+    if limit is not None and limit < len(y_tr):
+        sub, _ = _stratified(y_tr, len(y_tr) - limit, seed + 2)
+        x_tr, y_tr = x_tr[sub], y_tr[sub]
+    if limit_test is not None and limit_test < len(y_test):
+        sub, _ = _stratified(y_test, len(y_test) - limit_test, seed + 3)
+        x_test, y_test = x_test[sub], y_test[sub]
+
+    norm: dict[str, Any]
+    if raw.kind == "image":
+        scale = float(raw.scale or max(float(np.abs(x_tr).max()), 1e-12))
+        norm = {"method": "scale", "scale": scale}
+
+        def transform(a: np.ndarray) -> np.ndarray:
+            return (a.astype(np.float32) / np.float32(scale)).astype(np.float32)
+    else:
+        x_tr2 = x_tr.reshape(len(x_tr), -1).astype(np.float64)
+        mean = x_tr2.mean(axis=0)
+        std = x_tr2.std(axis=0)
+        std[std == 0] = 1.0
+        norm = {"method": "standardize", "mean": mean.tolist(), "std": std.tolist()}
+
+        def transform(a: np.ndarray) -> np.ndarray:
+            shape = a.shape
+            return ((a.reshape(len(a), -1) - mean) / std).reshape(shape).astype(np.float32)
+
+    n_classes = int(max(y_tr.max(), y_val.max(), y_test.max())) + 1
+    prepared = Prepared(
+        train=Split(transform(x_tr), y_tr),
+        val=Split(transform(x_val), y_val),
+        test=Split(transform(x_test), y_test),
+        meta={},
+    )
+    prepared.meta = {
+        "kind": raw.kind,
+        "input_shape": list(prepared.train.x.shape[1:]),
+        "num_classes": n_classes,
+        "class_names": raw.class_names or [str(i) for i in range(n_classes)],
+        "normalization": norm,
+        "samples": {s: len(getattr(prepared, s)) for s in SPLITS},
+        "seed": seed,
+    }
+    prepared.meta["digest"] = digest(prepared)
+    return prepared
+
+
+def digest(prepared: Prepared) -> str:
+    """SHA-256 over every split's arrays (shape, dtype and bytes): the dataset's identity."""
+    h = hashlib.sha256()
+    for name in SPLITS:
+        s = getattr(prepared, name)
+        for arr in (s.x, s.y):
+            a = np.ascontiguousarray(arr)
+            h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+            h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` with fixed timestamps, so equal arrays give byte-identical files (stable DVC hashes)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+            zf.writestr(info, buf.getvalue())
+
+
+def save_prepared(prepared: Prepared, out_dir: Path) -> None:
+    """Write ``{train,val,test}.npz`` and ``meta.json``; the folder appears complete or not at all."""
+    with atomic_dir(out_dir) as tmp:
+        for name in SPLITS:
+            s = getattr(prepared, name)
+            _write_npz(tmp / f"{name}.npz", {"x": s.x, "y": s.y})
+        (tmp / "meta.json").write_text(json.dumps(prepared.meta, indent=2, sort_keys=True) + "\n")
+
+
+def load_prepared(out_dir: Path) -> Prepared:
+    """Read a prepared dataset written by :func:`save_prepared`."""
+    meta_path = out_dir / "meta.json"
+    if not meta_path.is_file():
+        raise DatasetError(f"{out_dir}: not a prepared dataset (no meta.json); run the prepare stage first")
+    meta = json.loads(meta_path.read_text())
+    splits = {}
+    for name in SPLITS:
+        with np.load(out_dir / f"{name}.npz", allow_pickle=False) as z:
+            splits[name] = Split(z["x"], z["y"])
+    return Prepared(meta=meta, **splits)

@@ -1,0 +1,223 @@
+"""Measuring variants: accuracy, bytes, sparsity and latency, for Keras and TFLite alike.
+
+``size_bytes`` is always the size of a deployable TFLite flatbuffer: a ``.tflite``
+variant's own file, and for a Keras variant (teacher, student, pruned) the float32
+flatbuffer it converts to. So the teacher's ``size_bytes`` is the "float32 bytes" that
+compression ratios are quoted against, free of ``.keras`` zip and JSON overhead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shrinkfleet.tfenv import keras, tf
+
+WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV")
+PRUNABLE = (keras.layers.Dense, keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Conv1D)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def to_tflite(model: keras.Model, mode: str = "float32", representative: np.ndarray | None = None) -> bytes:
+    """Convert a Keras model to a TFLite flatbuffer.
+
+    Args:
+        mode: ``float32`` (plain), ``float16`` (half-precision weights), ``dynamic``
+            (int8 weights, float activations) or ``int8`` (full integer, int8 inputs and
+            outputs; needs ``representative``).
+        representative: samples (N, *input_shape) that calibrate int8 activation ranges.
+
+    Raises:
+        ValueError: an unknown mode, or ``int8`` without representative samples.
+    """
+    if mode not in ("float32", "float16", "dynamic", "int8"):
+        raise ValueError(f"unknown quantization mode {mode!r}; one of float32, float16, dynamic, int8")
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if mode == "float32":
+        pass
+    elif mode == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif mode == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif mode == "int8":
+        if representative is None or len(representative) == 0:
+            raise ValueError("int8 conversion needs representative samples")
+        samples = np.asarray(representative, dtype=np.float32)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        converter.representative_dataset = lambda: ([samples[i: i + 1]] for i in range(len(samples)))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    with _quiet_native_stderr():
+        return converter.convert()
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Hold back what the converter's C++ code prints to fd 2; show it only if conversion fails."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+# ----------------------------------------------------------------------------- TFLite runner
+
+
+class TFLiteModel:
+    """Runs a ``.tflite`` flatbuffer with LiteRT; quantizes int8 inputs and dequantizes outputs."""
+
+    def __init__(self, content: bytes):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.content = content
+        self._interpreter_cls = Interpreter
+        self.interpreter = Interpreter(model_content=content)
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self._batch = int(self.input["shape"][0])
+
+    @classmethod
+    def from_path(cls, path: Path) -> TFLiteModel:
+        return cls(Path(path).read_bytes())
+
+    def _quantize(self, x: np.ndarray) -> np.ndarray:
+        dtype = self.input["dtype"]
+        if dtype in (np.int8, np.uint8):
+            scale, zero = self.input["quantization"]
+            info = np.iinfo(dtype)
+            return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+        return x.astype(dtype)
+
+    def _dequantize(self, y: np.ndarray) -> np.ndarray:
+        if self.output["dtype"] in (np.int8, np.uint8):
+            scale, zero = self.output["quantization"]
+            return (y.astype(np.float32) - zero) * scale
+        return y.astype(np.float32)
+
+    def _resize(self, batch: int) -> None:
+        if batch != self._batch:
+            self.interpreter.resize_tensor_input(self.input["index"], [batch, *self.input["shape"][1:]])
+            self.interpreter.allocate_tensors()
+            self.input = self.interpreter.get_input_details()[0]
+            self.output = self.interpreter.get_output_details()[0]
+            self._batch = batch
+
+    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Float outputs (logits) for ``x``, in batches."""
+        outs = []
+        for start in range(0, len(x), batch_size):
+            chunk = x[start: start + batch_size]
+            self._resize(len(chunk))
+            self.interpreter.set_tensor(self.input["index"], self._quantize(chunk))
+            self.interpreter.invoke()
+            outs.append(self._dequantize(self.interpreter.get_tensor(self.output["index"])))
+        return np.concatenate(outs)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self._resize(len(x))
+        self.interpreter.set_tensor(self.input["index"], self._quantize(x))
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"])
+
+    def weight_tensors(self) -> list[np.ndarray]:
+        """The constant weight tensors of every weight-bearing op (float16 weights followed through DEQUANTIZE)."""
+        it = self._interpreter_cls(model_content=self.content)
+        it.allocate_tensors()
+        ops = it._get_ops_details()
+        produced_by = {out: op for op in ops for out in op["outputs"]}
+        weights = []
+        for op in ops:
+            if op["op_name"] not in WEIGHT_OPS or len(op["inputs"]) < 2:
+                continue
+            idx = int(op["inputs"][1])
+            src = produced_by.get(idx)
+            if src is not None and src["op_name"] == "DEQUANTIZE":
+                idx = int(src["inputs"][0])
+            try:
+                weights.append(np.array(it.get_tensor(idx)))
+            except ValueError:
+                continue  # a weight computed at run time: not stored, so not counted
+        return weights
+
+
+# ----------------------------------------------------------------------------- measures
+
+
+def kernel_sparsity(model: keras.Model) -> float:
+    """Fraction of exact zeros in the kernels of Dense/Conv layers (biases excluded)."""
+    zeros = total = 0
+    for layer in model.submodules if hasattr(model, "submodules") else model.layers:
+        if isinstance(layer, PRUNABLE) and getattr(layer, "kernel", None) is not None:
+            k = layer.kernel.numpy()
+            zeros += int(np.sum(k == 0))
+            total += k.size
+    return zeros / total if total else 0.0
+
+
+def tflite_sparsity(model: TFLiteModel) -> float:
+    """Fraction of stored weight values equal to zero (for int8: the quantized zero)."""
+    weights = model.weight_tensors()
+    total = sum(w.size for w in weights)
+    return sum(int(np.sum(w == 0)) for w in weights) / total if total else 0.0
+
+
+def gzip_size(content: bytes) -> int:
+    """Bytes after gzip -9: what sparsity and repeated values save on the wire."""
+    return len(gzip.compress(content, compresslevel=9, mtime=0))
+
+
+def accuracy_of(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy (fraction) of any function returning logits/probabilities."""
+    return float(np.mean(np.argmax(predict(x), axis=1) == y))
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50_ms: float
+    p95_ms: float
+
+
+def latency(call: Callable[[np.ndarray], object], sample: np.ndarray, runs: int, warmup: int) -> Latency:
+    """Wall-clock latency of single-sample inference (batch 1): median and 95th percentile."""
+    one = sample[:1]
+    for _ in range(warmup):
+        call(one)
+    times = np.empty(runs)
+    for i in range(runs):
+        t0 = time.perf_counter()
+        call(one)
+        times[i] = time.perf_counter() - t0
+    return Latency(float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 95) * 1e3))
+
+
+def keras_caller(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+    """A compiled (``tf.function``) inference call: how a Keras model is served, not eager Python."""
+    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return lambda x: fn(tf.constant(x)).numpy()

@@ -1,0 +1,104 @@
+"""The fleet report: one table of every variant (pandas), a plot per model, reports/fleet.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from shrinkfleet.storage import atomic_path, atomic_write_text
+from shrinkfleet.workspace import Workspace
+
+COLUMNS = [
+    "model", "variant", "format", "accuracy", "accuracy_drop", "size_bytes", "gzip_bytes",
+    "compression_ratio", "sparsity", "params", "latency_ms_p50", "latency_ms_p95", "recipe",
+]
+
+
+def load_metrics(ws: Workspace, models: list[str]) -> dict[str, dict[str, Any]]:
+    """The metrics documents that exist for ``models`` (missing ones are left out)."""
+    docs = {}
+    for m in models:
+        path = ws.metrics(m)
+        if path.is_file():
+            docs[m] = json.loads(path.read_text())
+    return docs
+
+
+def variant_table(docs: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per (model, variant) with every metric."""
+    rows = [
+        {"model": model, "variant": name, **v}
+        for model, doc in docs.items()
+        for name, v in doc["variants"].items()
+    ]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as people read it: accuracy in %, drop in points, ratios with an x."""
+    out = pd.DataFrame({
+        "model": table["model"],
+        "variant": table["variant"],
+        "accuracy %": (table["accuracy"] * 100).map("{:.2f}".format),
+        "drop (pts)": (table["accuracy_drop"] * 100).map("{:+.2f}".format),
+        "bytes": table["size_bytes"].map("{:,.0f}".format),
+        "gzip bytes": table["gzip_bytes"].map("{:,.0f}".format),
+        "ratio": table["compression_ratio"].map("{:.1f}x".format),
+        "sparsity": (table["sparsity"] * 100).map("{:.0f}%".format),
+        "params": table["params"].map("{:,.0f}".format),
+        "p50 ms": table["latency_ms_p50"].map("{:.3f}".format),
+    })
+    return out
+
+
+def plot_model(doc: dict[str, Any], path: Path) -> None:
+    """Accuracy vs bytes (log scale) of one model's variants, written to ``path`` as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    for name, v in doc["variants"].items():
+        marker = "s" if v["format"] == "keras" else "o"
+        ax.scatter(v["size_bytes"], v["accuracy"] * 100, marker=marker, s=40)
+        ax.annotate(name, (v["size_bytes"], v["accuracy"] * 100), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("size (bytes, TFLite flatbuffer, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{doc['model']}: accuracy vs size")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_report(ws: Workspace, docs: dict[str, dict[str, Any]], failures: dict[str, str],
+                 header: dict[str, str]) -> Path:
+    """Write reports/fleet.md (table, failures, plots) and return its path."""
+    ws.reports.mkdir(parents=True, exist_ok=True)
+    lines = ["# Fleet report", ""]
+    lines += [f"- **{k}**: {v}" for k, v in header.items()]
+    lines += ["", "Accuracy on each model's test split; drop vs its teacher in percentage points; bytes of the",
+              "TFLite flatbuffer (Keras variants as float32); ratio = teacher bytes / variant bytes.", ""]
+    if docs:
+        lines.append(formatted(variant_table(docs)).to_markdown(index=False))
+    else:
+        lines.append("_No model finished._")
+    if failures:
+        lines += ["", "## Failed", ""]
+        lines += [f"- **{m}**: {why}" for m, why in failures.items()]
+    if docs:
+        lines += ["", "## Plots", ""]
+        for model, doc in docs.items():
+            png = ws.reports / f"{model}-pareto.png"
+            plot_model(doc, png)
+            lines.append(f"![{model}]({png.name})")
+    path = ws.reports / "fleet.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

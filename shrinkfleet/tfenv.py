@@ -1,0 +1,68 @@
+"""One place that imports TensorFlow, tf_keras and TFMOT, configured for this host.
+
+Every module that needs TensorFlow imports it from here, so the legacy-Keras switch and
+the GPU memory-growth setting are applied exactly once per process, before any model is
+built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+import shrinkfleet  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+log = logging.getLogger(__name__)
+# Retracing and deprecation chatter from TensorFlow's Python side is not actionable for users.
+tf.get_logger().setLevel(logging.ERROR)
+
+_configured = False
+
+
+def configure_devices(mixed_precision: bool = False) -> list[str]:
+    """Turn on memory growth for every visible GPU and return their names.
+
+    Memory growth lets several training tasks share one GPU instead of the first one
+    reserving all of its memory. ``CUDA_VISIBLE_DEVICES`` decides which GPUs are visible.
+    With no GPU, TensorFlow runs on the CPU and this returns an empty list.
+    """
+    global _configured
+    gpus = tf.config.list_physical_devices("GPU")
+    if not _configured:
+        for gpu in gpus:
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError as exc:  # already initialised by an earlier model
+                log.debug("memory growth not changed for %s: %s", gpu.name, exc)
+        if mixed_precision and gpus:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        _configured = True
+    return [gpu.name for gpu in gpus]
+
+
+def reset(seed: int) -> None:
+    """Clear Keras' global graph state and seed every generator a stage uses.
+
+    Worker processes run many stages one after another; without clearing, layer names
+    and graph state accumulate across models and runs stop being reproducible.
+    """
+    keras.backend.clear_session()
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.random.set_seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def tfmot():
+    """Import TensorFlow Model Optimization lazily (it takes a second to load)."""
+    import tensorflow_model_optimization as _tfmot
+
+    return _tfmot
+
+
+__all__ = ["configure_devices", "keras", "reset", "tf", "tfmot"]

@@ -1,0 +1,188 @@
+"""MLflow layout: experiment per fleet, parent run per fleet run, child per model, nested per variant.
+
+    experiment  shrinkfleet/<fleet>
+    └── run     fleet-<UTC time>          tags: git sha, trigger, Prefect flow-run id
+        └── run <model>                   params: every resolved setting; input: dataset
+            └── run <model>/<variant>     params: its recipe's settings; metrics; artifact;
+                                          tags: parent variant's run id, DVC md5s
+
+With no ``MLFLOW_TRACKING_URI`` the store is ``sqlite:///<root>/mlflow.db`` and artifacts go
+to ``<root>/mlartifacts``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import subprocess
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from shrinkfleet.config import ResolvedModel
+
+log = logging.getLogger(__name__)
+
+TAG = "shrinkfleet"
+METRICS = (
+    "accuracy", "accuracy_drop", "size_bytes", "gzip_bytes", "compression_ratio",
+    "sparsity", "params", "latency_ms_p50", "latency_ms_p95",
+)
+# Which resolved sections belong to a variant's recipe, by the technique that made it.
+_CHAIN_SECTIONS = {
+    "teacher": ("dataset", "split", "teacher_arch", "teacher"),
+    "student": ("student_arch", "distill"),
+    "pruned": ("prune",),
+    "quantize": ("quantize",),
+}
+
+
+def tracking_uri(root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the project."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def setup(root: Path, fleet_name: str) -> str:
+    """Point MLflow at the project's store and return the fleet's experiment id (created if new)."""
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    name = f"shrinkfleet/{fleet_name}"
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        experiment_id = exp.experiment_id
+    else:
+        location = None
+        if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT"):
+            location = (root / "mlartifacts").resolve().as_uri()
+        experiment_id = client.create_experiment(name, artifact_location=location)
+    # Nested runs take the active experiment, not their parent's: make it the fleet's.
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def git_sha(root: Path) -> str:
+    """The project's current commit (``+dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def fleet_run(experiment_id: str, tags: dict[str, str]) -> Iterator[str]:
+    """The parent run of one fleet run; yields its run id. Ends FAILED if the body raises."""
+    name = "fleet-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags={f"{TAG}.kind": "fleet", **tags}) as run:
+        yield run.info.run_id
+
+
+def _dataset_input(name: str, path: Path, digest: str) -> Any:
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways"
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        source = resolve_dataset_source(str(path.resolve()))
+    # MLflow keeps a 36-character digest; the full SHA-256 goes in a tag.
+    return MetaDataset(source=source, name=name, digest=digest.removeprefix("sha256:")[:32])
+
+
+def _params_for(cfg: ResolvedModel, sections: tuple[str, ...]) -> dict[str, Any]:
+    flat = cfg.flat_params()
+    return {k: v for k, v in flat.items() if k.split(".", 1)[0] in sections or k in ("seed", "dataset")}
+
+
+def _chain(variant: str, doc: dict[str, Any]) -> list[str]:
+    """Variant names from the teacher down to ``variant``."""
+    chain, name = [], variant
+    while name is not None:
+        chain.append(name)
+        name = doc["variants"][name]["parent"]
+    return chain[::-1]
+
+
+def log_model(
+    root: Path,
+    cfg: ResolvedModel,
+    doc: dict[str, Any],
+    stages: dict[str, str],
+    dvc_hashes: dict[str, str],
+    dataset_dir: Path,
+) -> str:
+    """Log one finished model (child run) and each of its variants (nested runs).
+
+    Args:
+        doc: the model's metrics document (``metrics/<model>.json``).
+        stages: stage name -> ``ran`` | ``skipped`` for this fleet run.
+        dvc_hashes: artifact path (relative to root) -> DVC md5, from dvc.lock.
+        dataset_dir: the prepared dataset's folder (logged as the run's input).
+
+    Returns:
+        The child run's id.
+    """
+    dataset = _dataset_input(cfg.dataset_name, dataset_dir, doc["dataset_digest"])
+    common_tags = {f"{TAG}.model": cfg.name, f"{TAG}.dataset_digest": doc["dataset_digest"]}
+    with mlflow.start_run(run_name=cfg.name, nested=True,
+                          tags={**common_tags, f"{TAG}.kind": "model",
+                                **{f"{TAG}.stage.{s}": st for s, st in stages.items()}}) as model_run:
+        mlflow.log_params(cfg.flat_params())
+        mlflow.log_input(dataset, context="training")
+        run_ids: dict[str, str] = {}
+        for variant, v in doc["variants"].items():
+            sections: tuple[str, ...] = ()
+            for step in _chain(variant, doc):
+                key = step if step in _CHAIN_SECTIONS else "quantize"
+                sections += _CHAIN_SECTIONS[key]
+            artifact = root / v["path"]
+            tags = {
+                **common_tags,
+                f"{TAG}.kind": "variant",
+                f"{TAG}.variant": variant,
+                f"{TAG}.format": v["format"],
+                f"{TAG}.recipe": v["recipe"],
+                f"{TAG}.parent_variant": v["parent"] or "",
+                f"{TAG}.parent_run_id": run_ids.get(v["parent"] or "", ""),
+                f"{TAG}.artifact": v["path"],
+            }
+            md5 = _artifact_md5(v["path"], dvc_hashes)
+            if md5:
+                tags["dvc.md5"] = md5
+            with mlflow.start_run(run_name=f"{cfg.name}/{variant}", nested=True, tags=tags) as vrun:
+                mlflow.log_params({"variant": variant, "recipe": v["recipe"], **_params_for(cfg, sections)})
+                mlflow.log_metrics({m: float(v[m]) for m in METRICS})
+                mlflow.log_input(dataset, context="evaluation")
+                if artifact.is_file():
+                    mlflow.log_artifact(str(artifact), artifact_path="model")
+                run_ids[variant] = vrun.info.run_id
+        mlflow.log_dict(doc, "metrics.json")
+        return model_run.info.run_id
+
+
+def log_failed_model(name: str, stage: str, error: str) -> str:
+    """A child run, marked FAILED, that says which stage failed and why."""
+    with mlflow.start_run(run_name=name, nested=True,
+                          tags={f"{TAG}.model": name, f"{TAG}.kind": "model", f"{TAG}.failed_stage": stage,
+                                f"{TAG}.error": error[:4000]}) as run:
+        run_id = run.info.run_id
+    MlflowClient().set_terminated(run_id, status="FAILED")
+    return run_id
+
+
+def _artifact_md5(path: str, dvc_hashes: dict[str, str]) -> str:
+    """The DVC md5 recorded for an artifact, or for the folder that holds it."""
+    if path in dvc_hashes:
+        return dvc_hashes[path]
+    parent = str(Path(path).parent)
+    return dvc_hashes.get(parent, "")

@@ -1,0 +1,57 @@
+"""Shared training loop settings: Adam, early stopping on val loss, quiet logs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from shrinkfleet.tfenv import keras
+
+
+def fit(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray],
+    *,
+    loss: Callable | keras.losses.Loss,
+    metrics: list[Any],
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    patience: int = 0,
+    seed: int = 0,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+) -> dict[str, list[float]]:
+    """Compile with Adam and fit; restore the best val-loss weights when early stopping.
+
+    Returns:
+        Keras' history dict (per-epoch loss and metrics, train and val).
+    """
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
+    cbs = list(callbacks or [])
+    if patience:
+        cbs.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))  # one seeded shuffle; fit reshuffles every epoch
+    history = model.fit(
+        x[order], y[order], validation_data=val, epochs=epochs, batch_size=batch_size,
+        callbacks=cbs, verbose=0, shuffle=True,
+    )
+    return {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+def logits(model: keras.Model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Model outputs (logits) for ``x`` in inference mode."""
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of a Keras model, as a fraction."""
+    return float(np.mean(np.argmax(logits(model, x), axis=1) == y))
+
+
+def sparse_ce() -> keras.losses.Loss:
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)

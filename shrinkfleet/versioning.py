@@ -1,0 +1,81 @@
+"""DVC bookkeeping for stages that Prefect runs: skip what is up to date, record what ran.
+
+Prefect *executes* stages; DVC *records* them. Before a stage runs, DVC's status for
+``<stage>@<target>`` says whether its deps, params and outs still match ``dvc.lock``;
+after it ran, ``dvc commit`` records it, so ``dvc status`` is clean after a run and
+``dvc repro`` agrees with what Prefect did. Worker processes serialise their DVC calls
+through a file lock, because each call rewrites ``dvc.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+# DVC announces every dvc.lock update at INFO; the flow reports stages itself.
+logging.getLogger("dvc").setLevel(logging.WARNING)
+
+
+def is_dvc_repo(root: Path) -> bool:
+    return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    lock_dir = root / ".dvc" / "tmp"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / "shrinkfleet.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _repo(root: Path) -> Iterator[Any]:
+    from dvc.repo import Repo
+
+    with _locked(root):
+        repo = Repo(str(root))
+        try:
+            yield repo
+        finally:
+            repo.close()
+
+
+def stage_status(root: Path, stage: str) -> dict[str, Any]:
+    """DVC's status of one stage: ``{}`` when it is up to date, else what changed."""
+    with _repo(root) as repo:
+        return repo.status(targets=[stage])
+
+
+def is_up_to_date(root: Path, stage: str) -> bool:
+    return not stage_status(root, stage)
+
+
+def commit(root: Path, stage: str) -> None:
+    """Record a stage that ran outside ``dvc repro`` (hashes its deps and outs into dvc.lock, outs into the cache)."""
+    with _repo(root) as repo:
+        repo.commit(stage, force=True)
+
+
+def lock_entry(root: Path, stage: str) -> dict[str, Any]:
+    """The stage's entry in dvc.lock (deps/outs with md5), or ``{}``."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    data = yaml.safe_load(lock.read_text()) or {}
+    return data.get("stages", {}).get(stage, {})
+
+
+def out_hashes(root: Path, stage: str) -> dict[str, str]:
+    """``{path: md5}`` of a stage's recorded outputs (directories end in ``.dir``)."""
+    return {o["path"]: o.get("md5", "") for o in lock_entry(root, stage).get("outs", [])}

@@ -1,0 +1,75 @@
+"""Model zoo: functional tf_keras classifiers that output logits.
+
+Functional (not Sequential) because TFMOT's clone-based wrappers (prune, cluster, QAT)
+and the int8 converter all accept it; models output logits (no softmax) because
+distillation softens them with a temperature. Argmax of the logits is the class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shrinkfleet.config import CnnArch, MlpArch
+from shrinkfleet.tfenv import keras
+
+
+def build(arch: MlpArch | CnnArch, input_shape: Sequence[int], num_classes: int, name: str) -> keras.Model:
+    """Build an untrained classifier for ``arch``.
+
+    Raises:
+        ValueError: a CNN on inputs that are not images (H, W, C), or inputs too small
+            for the number of pooling blocks.
+    """
+    inputs = keras.Input(shape=tuple(input_shape), name="inputs")
+    if arch.arch == "mlp":
+        x = keras.layers.Flatten(name="flatten")(inputs) if len(input_shape) > 1 else inputs
+        for i, units in enumerate(arch.hidden):
+            x = keras.layers.Dense(units, activation="relu", name=f"dense_{i}")(x)
+            if arch.dropout:
+                x = keras.layers.Dropout(arch.dropout, name=f"dropout_{i}")(x)
+    else:
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"cnn needs image inputs (height, width, channels); this dataset has shape {tuple(input_shape)}: "
+                "use arch: mlp"
+            )
+        side = min(input_shape[0], input_shape[1])
+        x = inputs
+        for i, filters in enumerate(arch.filters):
+            x = keras.layers.Conv2D(filters, arch.kernel_size, padding="same", activation="relu", name=f"conv_{i}")(x)
+            if side >= 2:
+                x = keras.layers.MaxPooling2D(2, name=f"pool_{i}")(x)
+                side //= 2
+        x = keras.layers.Flatten(name="flatten")(x)
+        for i, units in enumerate(arch.dense):
+            x = keras.layers.Dense(units, activation="relu", name=f"dense_{i}")(x)
+        if arch.dropout:
+            x = keras.layers.Dropout(arch.dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def clone(model: keras.Model) -> keras.Model:
+    """A structurally identical model with copied weights (the input is left untouched)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def load(path) -> keras.Model:
+    """Load a ``.keras`` model saved by a stage (no optimizer state, not compiled)."""
+    return keras.models.load_model(path, compile=False)
+
+
+def save(model: keras.Model, path) -> None:
+    """Save weights and architecture, without optimizer state, atomically.
+
+    The native ``.keras`` format stores a compiled model's optimizer; an uncompiled clone
+    keeps the artifact to what inference and the next stage need.
+    """
+    from pathlib import Path
+
+    from shrinkfleet.storage import atomic_path
+
+    with atomic_path(Path(path), suffix=".keras") as tmp:
+        clone(model).save(tmp)

@@ -1,0 +1,99 @@
+"""distill: train the small student from the teacher's softened outputs (knowledge distillation).
+
+Loss (Hinton et al., 2015):
+``alpha * CE(y, s) + (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T))``.
+The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones
+when T changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from shrinkfleet import training, zoo
+from shrinkfleet.config import CnnArch, DistillConfig, MlpArch
+from shrinkfleet.datasets import Prepared, load_prepared
+from shrinkfleet.tfenv import configure_devices, keras, reset, tf
+from tasks.common import StageContext, execute
+
+
+def distillation_loss(
+    labels: tf.Tensor, teacher_logits: tf.Tensor, student_logits: tf.Tensor, temperature: float, alpha: float
+) -> tf.Tensor:
+    """Mean over the batch of ``alpha * CE(y, s) + (1 - alpha) * T^2 * KL(p_t || p_s)``."""
+    labels = tf.cast(labels, tf.int32)
+    student_logits = tf.cast(student_logits, tf.float32)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=student_logits)
+    log_p_t = tf.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    log_p_s = tf.nn.log_softmax(student_logits / temperature, axis=-1)
+    kl = tf.reduce_sum(tf.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+    return tf.reduce_mean(alpha * ce + (1.0 - alpha) * temperature**2 * kl)
+
+
+def pack_targets(y: np.ndarray, teacher_logits: np.ndarray) -> np.ndarray:
+    """Labels and teacher logits in one array, so Keras' ``fit`` can carry both as ``y``."""
+    return np.concatenate([y.astype(np.float32)[:, None], teacher_logits.astype(np.float32)], axis=1)
+
+
+class _PackedKD(keras.losses.Loss):
+    def __init__(self, temperature: float, alpha: float):
+        super().__init__(name="distillation")
+        self.temperature, self.alpha = temperature, alpha
+
+    def call(self, y_packed, student_logits):
+        return distillation_loss(y_packed[:, 0], y_packed[:, 1:], student_logits, self.temperature, self.alpha)
+
+
+def _packed_accuracy(y_packed, student_logits):
+    labels = tf.cast(y_packed[:, 0], tf.int64)
+    return tf.cast(tf.equal(tf.argmax(student_logits, axis=-1), labels), tf.float32)
+
+
+_packed_accuracy.__name__ = "accuracy"
+
+
+def distill(
+    teacher: keras.Model, arch: MlpArch | CnnArch, cfg: DistillConfig, data: Prepared, seed: int,
+    name: str = "student",
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Train a fresh ``arch`` student on ``data`` with the teacher's soft targets.
+
+    The teacher is only read (its logits are computed once, in inference mode).
+    """
+    t_train = training.logits(teacher, data.train.x)
+    t_val = training.logits(teacher, data.val.x)
+    reset(seed)
+    student = zoo.build(arch, data.input_shape, data.num_classes, name=name)
+    history = training.fit(
+        student, data.train.x, pack_targets(data.train.y, t_train),
+        (data.val.x, pack_targets(data.val.y, t_val)),
+        loss=_PackedKD(cfg.temperature, cfg.alpha), metrics=[_packed_accuracy], epochs=cfg.epochs,
+        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, patience=cfg.patience, seed=seed,
+    )
+    return student, history
+
+
+def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
+    """Distil one fleet member's student from its teacher into models/<model>/student.keras."""
+    cfg = ctx.fleet.resolve(model_name)
+    configure_devices(ctx.fleet.run.mixed_precision)
+    data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
+    teacher = zoo.load(ctx.ws.keras(model_name, "teacher"))
+    student, history = distill(teacher, cfg.student_arch, cfg.distill, data, cfg.seed)
+    zoo.save(student, ctx.ws.keras(model_name, "student"))
+    return {
+        "epochs": len(history["loss"]),
+        "val_accuracy": training.accuracy(student, data.val.x, data.val.y),
+        "params": int(student.count_params()),
+    }
+
+
+@task(name="distill", task_run_name="distill-{model}", tags=["gpu"], retries=2, retry_delay_seconds=5,
+      cache_policy=NO_CACHE)
+def distill_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+    """Distil one model's student unless DVC reports it up to date."""
+    return execute("distill", model, root, params_file, run, use_dvc, force)

@@ -1,0 +1,127 @@
+"""evaluate: measure every variant of one model and write metrics/<model>.json.
+
+For each variant (teacher, student, pruned, every .tflite): ``accuracy`` on the test
+split, ``accuracy_drop`` vs the teacher (both fractions, 0.01 = one point),
+``size_bytes`` (TFLite flatbuffer; Keras variants as their float32 conversion),
+``gzip_bytes``, ``compression_ratio`` (teacher bytes / variant bytes), ``sparsity``
+(zero share of the stored Dense/Conv weights), ``params`` and single-sample latency
+``latency_ms_p50`` / ``latency_ms_p95``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from shrinkfleet import evaluation as ev
+from shrinkfleet import zoo
+from shrinkfleet.config import ResolvedModel
+from shrinkfleet.datasets import Prepared, load_prepared
+from shrinkfleet.storage import atomic_write_text
+from shrinkfleet.tfenv import keras, reset
+from shrinkfleet.workspace import KERAS_VARIANTS
+from tasks.common import StageContext, execute
+
+METRIC_NAMES = (
+    "accuracy", "accuracy_drop", "size_bytes", "gzip_bytes", "compression_ratio",
+    "sparsity", "params", "latency_ms_p50", "latency_ms_p95",
+)
+KERAS_PARENTS = {"teacher": None, "student": "teacher", "pruned": "student"}
+
+
+def recipes(cfg: ResolvedModel) -> dict[str, str]:
+    """Human-readable recipe of each Keras variant (the chain of techniques that made it)."""
+    d, p = cfg.distill, cfg.prune
+    return {
+        "teacher": "train",
+        "student": f"distill(T={d.temperature:g}, alpha={d.alpha:g})",
+        "pruned": f"distill(T={d.temperature:g}, alpha={d.alpha:g}) > prune({p.target_sparsity:g})",
+    }
+
+
+def measure_keras(model: keras.Model, data: Prepared, runs: int, warmup: int) -> dict[str, float]:
+    """Metrics of a Keras variant (size measured on its float32 flatbuffer)."""
+    content = ev.to_tflite(model, "float32")
+    call = ev.keras_caller(model)
+    lat = ev.latency(call, data.test.x, runs, warmup)
+    return {
+        "accuracy": ev.accuracy_of(lambda x: model.predict(x, batch_size=512, verbose=0), data.test.x, data.test.y),
+        "size_bytes": len(content),
+        "gzip_bytes": ev.gzip_size(content),
+        "sparsity": ev.kernel_sparsity(model),
+        "params": int(model.count_params()),
+        "latency_ms_p50": lat.p50_ms,
+        "latency_ms_p95": lat.p95_ms,
+    }
+
+
+def measure_tflite(path: Path, data: Prepared, runs: int, warmup: int) -> dict[str, float]:
+    """Metrics of a ``.tflite`` variant, run through LiteRT."""
+    model = ev.TFLiteModel.from_path(path)
+    acc = ev.accuracy_of(model.predict, data.test.x, data.test.y)
+    lat = ev.latency(model, data.test.x, runs, warmup)
+    return {
+        "accuracy": acc,
+        "size_bytes": len(model.content),
+        "gzip_bytes": ev.gzip_size(model.content),
+        "sparsity": ev.tflite_sparsity(model),
+        "latency_ms_p50": lat.p50_ms,
+        "latency_ms_p95": lat.p95_ms,
+    }
+
+
+def evaluate(ctx: StageContext, model_name: str) -> dict[str, Any]:
+    """Measure every variant of one model; returns the metrics document."""
+    cfg = ctx.fleet.resolve(model_name)
+    reset(cfg.seed)
+    data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
+    runs, warmup = cfg.evaluate.latency_runs, cfg.evaluate.latency_warmup
+    recipe = recipes(cfg)
+    variants: dict[str, dict[str, Any]] = {}
+    for name in KERAS_VARIANTS:
+        path = ctx.ws.keras(model_name, name)
+        m = measure_keras(zoo.load(path), data, runs, warmup)
+        variants[name] = {"format": "keras", "path": _rel(path, ctx), "parent": KERAS_PARENTS[name],
+                          "recipe": recipe[name], **m}
+    vdir = ctx.ws.variants_dir(model_name)
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    for name, entry in manifest.items():
+        parent = variants[entry["parent"]]
+        m = measure_tflite(vdir / entry["file"], data, runs, warmup)
+        variants[name] = {"format": "tflite", "path": _rel(vdir / entry["file"], ctx), "parent": entry["parent"],
+                          "recipe": f"{parent['recipe']} > {entry['mode']}", "params": parent["params"], **m}
+    teacher = variants["teacher"]
+    for v in variants.values():
+        v["accuracy_drop"] = teacher["accuracy"] - v["accuracy"]
+        v["compression_ratio"] = teacher["size_bytes"] / v["size_bytes"]
+    return {
+        "model": model_name,
+        "dataset": cfg.dataset_name,
+        "dataset_digest": data.meta["digest"],
+        "test_samples": len(data.test),
+        "teacher_bytes": teacher["size_bytes"],
+        "variants": {name: {k: v[k] for k in ("format", "path", "parent", "recipe", *METRIC_NAMES)}
+                     for name, v in variants.items()},
+    }
+
+
+def _rel(path: Path, ctx: StageContext) -> str:
+    return str(path.relative_to(ctx.ws.root))
+
+
+def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
+    """Evaluate one model and write metrics/<model>.json atomically."""
+    doc = evaluate(ctx, model_name)
+    atomic_write_text(ctx.ws.metrics(model_name), json.dumps(doc, indent=2) + "\n")
+    best = max(doc["variants"].items(), key=lambda kv: kv[1]["compression_ratio"])
+    return {"variants": len(doc["variants"]), "smallest": best[0], "ratio": best[1]["compression_ratio"]}
+
+
+@task(name="evaluate", task_run_name="evaluate-{model}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def evaluate_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+    """Measure every variant of one model unless DVC reports it up to date."""
+    return execute("evaluate", model, root, params_file, run, use_dvc, force)

@@ -1,0 +1,87 @@
+"""prune: TFMOT magnitude pruning to a target sparsity, fine-tuning, then strip.
+
+The sparsity follows TFMOT's ``PolynomialDecay`` from ``initial_sparsity`` to
+``target_sparsity``; the target is reached after ``end_fraction`` of the fine-tuning
+steps, and the remaining steps recover accuracy with the final mask fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from shrinkfleet import training, zoo
+from shrinkfleet.config import PruneConfig
+from shrinkfleet.datasets import Prepared, load_prepared
+from shrinkfleet.evaluation import kernel_sparsity
+from shrinkfleet.tfenv import configure_devices, keras, reset, tfmot
+from tasks.common import StageContext, execute
+
+
+def schedule_steps(n_samples: int, cfg: PruneConfig) -> tuple[int, int, int]:
+    """``(end_step, frequency, total_steps)`` so the last mask update lands on ``end_step``.
+
+    Raises:
+        ValueError: fewer than two gradient steps, so no schedule fits.
+    """
+    total = cfg.epochs * math.ceil(n_samples / cfg.batch_size)
+    if total < 2:
+        raise ValueError(
+            f"prune: only {total} gradient step(s) ({n_samples} samples, batch_size {cfg.batch_size}, "
+            f"epochs {cfg.epochs}); raise prune.epochs"
+        )
+    last = max(1, min(total - 1, round(cfg.end_fraction * total)))
+    frequency = min(cfg.frequency, last)
+    end = (last // frequency) * frequency
+    return end, frequency, total
+
+
+def prune(model: keras.Model, cfg: PruneConfig, data: Prepared, seed: int) -> keras.Model:
+    """A pruned, fine-tuned and stripped copy of ``model``; ``model`` itself is not changed.
+
+    TFMOT's wrappers reuse the wrapped layers, so fine-tuning would move the input
+    model's weights too: the input is cloned first.
+    """
+    sparsity = tfmot().sparsity.keras
+    reset(seed)
+    base = zoo.clone(model)
+    end, frequency, _ = schedule_steps(len(data.train), cfg)
+    schedule = sparsity.PolynomialDecay(
+        initial_sparsity=cfg.initial_sparsity, final_sparsity=cfg.target_sparsity,
+        begin_step=0, end_step=end, power=cfg.power, frequency=frequency,
+    )
+    wrapped = sparsity.prune_low_magnitude(base, pruning_schedule=schedule)
+    training.fit(
+        wrapped, data.train.x, data.train.y, (data.val.x, data.val.y),
+        loss=training.sparse_ce(), metrics=["accuracy"], epochs=cfg.epochs, batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, patience=0, seed=seed, callbacks=[sparsity.UpdatePruningStep()],
+    )
+    stripped = sparsity.strip_pruning(wrapped)
+    return zoo.clone(stripped)  # a plain functional model, free of the wrapper's training graph
+
+
+def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
+    """Prune one fleet member's student into models/<model>/pruned.keras."""
+    cfg = ctx.fleet.resolve(model_name)
+    configure_devices(ctx.fleet.run.mixed_precision)
+    data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
+    student = zoo.load(ctx.ws.keras(model_name, "student"))
+    pruned = prune(student, cfg.prune, data, cfg.seed)
+    reached = kernel_sparsity(pruned)
+    if not np.isclose(reached, cfg.prune.target_sparsity, atol=0.02):
+        raise RuntimeError(
+            f"prune: reached sparsity {reached:.3f}, target {cfg.prune.target_sparsity}; check prune.frequency"
+        )
+    zoo.save(pruned, ctx.ws.keras(model_name, "pruned"))
+    return {"sparsity": reached, "val_accuracy": training.accuracy(pruned, data.val.x, data.val.y)}
+
+
+@task(name="prune", task_run_name="prune-{model}", tags=["gpu"], retries=2, retry_delay_seconds=5,
+      cache_policy=NO_CACHE)
+def prune_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+    """Prune one model's student unless DVC reports it up to date."""
+    return execute("prune", model, root, params_file, run, use_dvc, force)

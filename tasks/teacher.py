@@ -1,0 +1,49 @@
+"""teacher: supervised training of the full-size model every variant is measured against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from shrinkfleet import training, zoo
+from shrinkfleet.config import CnnArch, MlpArch, TrainConfig
+from shrinkfleet.datasets import Prepared, load_prepared
+from shrinkfleet.tfenv import configure_devices, keras, reset
+from tasks.common import StageContext, execute
+
+
+def train_teacher(
+    arch: MlpArch | CnnArch, cfg: TrainConfig, data: Prepared, seed: int, name: str = "teacher"
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Build and train a teacher; returns the model (best val-loss weights) and its history."""
+    reset(seed)
+    model = zoo.build(arch, data.input_shape, data.num_classes, name=name)
+    history = training.fit(
+        model, data.train.x, data.train.y, (data.val.x, data.val.y),
+        loss=training.sparse_ce(), metrics=["accuracy"], epochs=cfg.epochs, batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, patience=cfg.patience, seed=seed,
+    )
+    return model, history
+
+
+def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
+    """Train one fleet member's teacher and save it to models/<model>/teacher.keras."""
+    cfg = ctx.fleet.resolve(model_name)
+    configure_devices(ctx.fleet.run.mixed_precision)
+    data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
+    model, history = train_teacher(cfg.teacher_arch, cfg.teacher, data, cfg.seed)
+    zoo.save(model, ctx.ws.keras(model_name, "teacher"))
+    return {
+        "epochs": len(history["loss"]),
+        "val_accuracy": training.accuracy(model, data.val.x, data.val.y),
+        "params": int(model.count_params()),
+    }
+
+
+@task(name="teacher", task_run_name="teacher-{model}", tags=["gpu"], retries=2, retry_delay_seconds=5,
+      cache_policy=NO_CACHE)
+def teacher_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+    """Train one model's teacher unless DVC reports it up to date."""
+    return execute("teacher", model, root, params_file, run, use_dvc, force)

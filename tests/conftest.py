@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny fleets, throw-away project folders, the shared datasets."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# The real MNIST test set lives beside the project (../shared/datasets); SHRINKFLEET_MNIST_DIR overrides.
+SHARED_MNIST = Path(os.environ.get("SHRINKFLEET_MNIST_DIR", REPO.parent / "shared" / "datasets" / "mnist-t10k"))
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+# Small enough to train in seconds, big enough that every technique has something to do.
+TINY_PARAMS: dict = {
+    "fleet": "tiny",
+    "seed": 7,
+    "run": {"workers": 2, "retries": 0, "retry_delay_seconds": 0},
+    "data": {"val_fraction": 0.15, "test_fraction": 0.2},
+    "teacher": {"epochs": 4, "batch_size": 64, "learning_rate": 0.003, "patience": 0},
+    "distill": {"temperature": 4.0, "alpha": 0.1, "epochs": 4, "batch_size": 64, "learning_rate": 0.005,
+                "patience": 0},
+    "prune": {"target_sparsity": 0.5, "initial_sparsity": 0.0, "epochs": 2, "batch_size": 64,
+              "learning_rate": 0.001, "frequency": 5, "power": 3.0, "end_fraction": 0.75},
+    "quantize": {"modes": ["float32", "float16", "dynamic", "int8"], "representative_samples": 50},
+    "evaluate": {"latency_runs": 5, "latency_warmup": 1},
+    "datasets": {
+        "digits": {"source": "sklearn", "name": "digits"},
+        "cancer": {"source": "sklearn", "name": "breast_cancer"},
+    },
+    "models": {
+        "digits-mlp": {
+            "dataset": "digits",
+            "teacher": {"arch": "mlp", "hidden": [32]},
+            "student": {"arch": "mlp", "hidden": [8]},
+            "distill": {}, "prune": {}, "quantize": {},
+        },
+        "cancer-mlp": {
+            "dataset": "cancer",
+            "teacher": {"arch": "mlp", "hidden": [16]},
+            "student": {"arch": "mlp", "hidden": [4]},
+            "distill": {}, "prune": {"target_sparsity": 0.4}, "quantize": {},
+        },
+    },
+}
+
+
+@pytest.fixture
+def tiny_params() -> dict:
+    """A deep copy of the two-model tiny fleet, free to edit."""
+    return copy.deepcopy(TINY_PARAMS)
+
+
+def make_project(path: Path, params: dict, dvc: bool = True) -> Path:
+    """A project folder as a user has it: code the DVC stages depend on, dvc.yaml, params.yaml, git + DVC."""
+    path.mkdir(parents=True, exist_ok=True)
+    for folder in ("shrinkfleet", "tasks", "flows"):
+        shutil.copytree(REPO / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", path / "dvc.yaml")
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if dvc:
+        subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+        subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=path, check=True)
+        subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=path, check=True)
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path, tiny_params: dict) -> Path:
+    """A fresh git + DVC project holding the tiny fleet."""
+    return make_project(tmp_path / "project", tiny_params)
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    if not SHARED_MNIST.is_dir():
+        pytest.skip(f"{SHARED_MNIST} is absent (it ships with the project's shared data, not with a clone)")
+    return SHARED_MNIST
+
+
+def shrinkfleet_cmd(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the installed ``shrinkfleet`` console script as a user would."""
+    exe = Path(sys.executable).with_name("shrinkfleet")
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env.pop("PREFECT_API_URL", None)
+    return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)

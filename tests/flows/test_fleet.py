@@ -1,0 +1,147 @@
+"""End to end, as a user runs it: the CLI, a real temporary Prefect server, DVC and MLflow on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import make_project, shrinkfleet_cmd
+
+METRICS = ("accuracy", "accuracy_drop", "size_bytes", "gzip_bytes", "compression_ratio", "sparsity", "params",
+           "latency_ms_p50")
+VARIANTS = {"teacher", "student", "pruned", "pruned-float32", "pruned-float16", "pruned-dynamic", "pruned-int8"}
+
+pytestmark = pytest.mark.slow
+
+
+def _client(project: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+
+
+def _runs(project: Path, kind: str) -> list:
+    client = _client(project)
+    exp = client.get_experiment_by_name("shrinkfleet/tiny")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`shrinkfleet.kind` = '{kind}'",
+                              order_by=["attributes.start_time DESC"], max_results=500)
+    return runs
+
+
+def _dvc_status(project: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True,
+                         text=True, check=True).stdout
+    return json.loads(out or "{}")
+
+
+def _stages_ran(project: Path, fleet_run_id: str) -> dict[str, set[str]]:
+    """Per model, the stages that ran (not skipped) in one fleet run, as recorded in MLflow."""
+    ran = {}
+    for run in _runs(project, "model"):
+        if run.data.tags.get("mlflow.parentRunId") == fleet_run_id:
+            ran[run.data.tags["shrinkfleet.model"]] = {
+                k.rsplit(".", 1)[1] for k, v in run.data.tags.items()
+                if k.startswith("shrinkfleet.stage.") and v == "ran"
+            }
+    return ran
+
+
+def test_fleet_runs_tracks_records_and_reruns_nothing(project):
+    first = shrinkfleet_cmd("run", cwd=project)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Fleet variants" in first.stdout and "pruned-int8" in first.stdout
+
+    # MLflow: one parent, a child per model, a nested run per variant with every metric
+    (parent,) = _runs(project, "fleet")
+    assert parent.data.tags["trigger"] == "manual"
+    assert parent.data.tags["prefect_flow_run_id"] and parent.data.tags["git_sha"]
+    children = [r for r in _runs(project, "model") if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+    assert sorted(r.data.tags["shrinkfleet.model"] for r in children) == ["cancer-mlp", "digits-mlp"]
+    for child in children:
+        model = child.data.tags["shrinkfleet.model"]
+        assert child.inputs.dataset_inputs, "dataset not logged with log_input"
+        variants = [r for r in _runs(project, "variant") if r.data.tags["mlflow.parentRunId"] == child.info.run_id]
+        assert {r.data.tags["shrinkfleet.variant"] for r in variants} == VARIANTS
+        by_name = {r.data.tags["shrinkfleet.variant"]: r for r in variants}
+        for run in variants:
+            assert set(METRICS) <= set(run.data.metrics), run.data.tags["shrinkfleet.variant"]
+            parent_variant = run.data.tags["shrinkfleet.parent_variant"]
+            if parent_variant:  # lineage: the parent's run id resolves to the parent variant's run
+                assert run.data.tags["shrinkfleet.parent_run_id"] == by_name[parent_variant].info.run_id
+            assert run.data.tags.get("dvc.md5"), "artifact's DVC hash missing"
+        int8 = by_name["pruned-int8"].data.metrics
+        teacher = by_name["teacher"].data.metrics
+        assert int8["size_bytes"] < teacher["size_bytes"]
+        assert int8["compression_ratio"] == pytest.approx(teacher["size_bytes"] / int8["size_bytes"])
+        assert by_name["pruned"].data.metrics["sparsity"] == pytest.approx(
+            0.5 if model == "digits-mlp" else 0.4, abs=0.01)
+        assert by_name["pruned-int8"].data.params["quantize.modes"]
+
+    # metrics file, report and DVC agree
+    doc = json.loads((project / "metrics" / "digits-mlp.json").read_text())
+    assert set(doc["variants"]) == VARIANTS and doc["dataset_digest"].startswith("sha256:")
+    assert (project / "reports" / "fleet.md").read_text().count("pruned-int8") == 2
+    assert (project / "reports" / "digits-mlp-pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _dvc_status(project) == {}
+
+    # a rerun with nothing changed trains nothing
+    stamps = {p: p.stat().st_mtime_ns for p in (project / "models").rglob("*.keras")}
+    second = shrinkfleet_cmd("run", cwd=project)
+    assert second.returncode == 0, second.stdout + second.stderr
+    latest = _runs(project, "fleet")[0]
+    assert _stages_ran(project, latest.info.run_id) == {"digits-mlp": set(), "cancer-mlp": set()}
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # one model's prune edit re-runs only that model's prune and what follows
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["models"]["cancer-mlp"]["prune"]["target_sparsity"] = 0.6
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = shrinkfleet_cmd("run", cwd=project)
+    assert third.returncode == 0, third.stdout + third.stderr
+    latest = _runs(project, "fleet")[0]
+    assert _stages_ran(project, latest.info.run_id) == {
+        "digits-mlp": set(), "cancer-mlp": {"prune", "quantize", "evaluate"}}
+    doc = json.loads((project / "metrics" / "cancer-mlp.json").read_text())
+    assert doc["variants"]["pruned"]["sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert _dvc_status(project) == {}
+
+
+def test_dvc_repro_alone_reproduces_a_model_and_the_flow_agrees(tmp_path, tiny_params):
+    del tiny_params["models"]["digits-mlp"]
+    project = make_project(tmp_path / "p", tiny_params)
+    env = {"PATH": f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}"}
+    repro = subprocess.run([sys.executable, "-m", "dvc", "repro", "evaluate@cancer-mlp"], cwd=project,
+                           capture_output=True, text=True, env={**__import__("os").environ, **env})
+    assert repro.returncode == 0, repro.stdout + repro.stderr
+    doc = json.loads((project / "metrics" / "cancer-mlp.json").read_text())
+    assert set(doc["variants"]) == VARIANTS
+    # what dvc repro recorded, the Prefect flow accepts as up to date: it trains nothing
+    run = shrinkfleet_cmd("run", cwd=project)
+    assert run.returncode == 0, run.stdout + run.stderr
+    latest = _runs(project, "fleet")[0]
+    assert _stages_ran(project, latest.info.run_id) == {"cancer-mlp": set()}
+
+
+def test_a_failing_model_does_not_stop_the_fleet(tmp_path, tiny_params):
+    raw = tmp_path / "p" / "data" / "raw"
+    raw.mkdir(parents=True)
+    np.savez(raw / "broken.npz", x=np.array([[0.0, np.nan], [1.0, 2.0]] * 10), y=np.array([0, 1] * 10))
+    tiny_params["datasets"]["broken"] = {"source": "npz", "path": "data/raw/broken.npz"}
+    tiny_params["models"]["cancer-mlp"]["dataset"] = "broken"
+    project = make_project(tmp_path / "p", tiny_params)
+    result = shrinkfleet_cmd("run", cwd=project)
+    assert result.returncode == 1
+    assert "cancer-mlp" in result.stdout and "prepare failed" in result.stdout
+    assert "feature values are NaN" in result.stdout
+    assert (project / "metrics" / "digits-mlp.json").is_file()
+    assert not (project / "metrics" / "cancer-mlp.json").exists()
+    report = (project / "reports" / "fleet.md").read_text()
+    assert "## Failed" in report and "cancer-mlp" in report
+    failed = [r for r in _runs(project, "model") if r.data.tags["shrinkfleet.model"] == "cancer-mlp"]
+    assert failed and failed[0].info.status == "FAILED"
+    assert failed[0].data.tags["shrinkfleet.failed_stage"] == "prepare"

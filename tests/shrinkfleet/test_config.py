@@ -1,0 +1,126 @@
+"""params.yaml schema: the shipped file is valid; every kind of mistake names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shrinkfleet.config import ConfigError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_params_are_valid_and_have_three_sklearn_models():
+    fleet = load_params(REPO / "params.yaml")
+    assert len(fleet.models) >= 3
+    assert {fleet.datasets[m.dataset].source for m in fleet.models.values()} == {"sklearn"}
+    archs = {(fleet.datasets[m.dataset].name, m.teacher.arch) for m in fleet.models.values()}
+    assert ("digits", "cnn") in archs and ("digits", "mlp") in archs
+    assert any(name in ("breast_cancer", "wine") and arch == "mlp" for name, arch in archs)
+
+
+def test_every_key_of_the_shipped_params_is_commented():
+    """Top-level keys and every key of the stage sections say their meaning and unit."""
+    section = None
+    for i, line in enumerate((REPO / "params.yaml").read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#") or ":" not in line:
+            continue
+        if line == line.lstrip():
+            section = line.split(":", 1)[0]
+        elif section in ("models", "datasets"):
+            continue  # documented on the first entry; the rest repeat the same keys
+        assert "#" in line, f"params.yaml:{i}: key without a comment: {line!r}"
+
+
+def test_models_override_fleet_defaults(tiny_params):
+    tiny_params["models"]["digits-mlp"]["prune"] = {"target_sparsity": 0.9}
+    tiny_params["models"]["digits-mlp"]["student"]["epochs"] = 11
+    fleet = parse_params(tiny_params)
+    resolved = fleet.resolve("digits-mlp")
+    assert resolved.prune.target_sparsity == 0.9
+    assert resolved.prune.epochs == tiny_params["prune"]["epochs"]
+    assert resolved.distill.epochs == 11
+    assert fleet.resolve("cancer-mlp").prune.target_sparsity == 0.4
+
+
+def _set(d: dict, path: str, value):
+    keys = path.split(".")
+    for k in keys[:-1]:
+        d = d[k]
+    if value is _DELETE:
+        del d[keys[-1]]
+    else:
+        d[keys[-1]] = value
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("bogus", 1, "bogus: unknown key"),
+        ("prune.bogus", 1, "prune.bogus: unknown key"),
+        ("models.digits-mlp.teacher.widths", [3], "models.digits-mlp.teacher.widths: unknown key"),
+        ("models.digits-mlp.prune.target_sparsity", 1.0,
+         "models.digits-mlp.prune.target_sparsity: must be less than 1"),
+        ("prune.target_sparsity", -0.1, "prune.target_sparsity: must be greater than or equal to 0"),
+        ("distill.temperature", 0, "distill.temperature: must be greater than 0"),
+        ("distill.alpha", 1.5, "distill.alpha: must be less than or equal to 1"),
+        ("teacher.epochs", "many", "teacher.epochs: must be a valid integer"),
+        ("quantize.modes", ["int4"], "quantize.modes.0: must be one of: 'float32', 'float16', 'dynamic' or 'int8'"),
+        ("quantize.modes", ["int8", "int8"], "quantize.modes: lists a mode twice"),
+        ("models.digits-mlp.teacher.arch", "rnn", "models.digits-mlp.teacher.arch: 'rnn' is not one of: 'mlp', 'cnn'"),
+        ("datasets.digits.source", "hub", "datasets.digits.source: 'hub' is not one of"),
+        ("datasets.digits.name", "mnist", "datasets.digits.name: must be one of: 'digits'"),
+        ("models.digits-mlp.dataset", "nope", "models.digits-mlp.dataset: 'nope' is not in datasets:"),
+        ("models.digits-mlp.prune", _DELETE, "models.digits-mlp.prune: required key is missing (write `prune: {}`"),
+        ("models.digits-mlp.prune", {"initial_sparsity": 0.6},
+         "models.digits-mlp.prune.initial_sparsity: must be <= target_sparsity"),
+        ("models", {}, "models: the fleet is empty"),
+        ("models", [{"dataset": "digits"}], "models: must be a mapping keyed by model name"),
+        ("data.val_fraction", 0.7, "data.val_fraction: must be less than 0.5"),
+        ("run.workers", 0, "run.workers: must be greater than or equal to 1"),
+    ],
+)
+def test_bad_values_name_their_key(tiny_params, path, value, expected):
+    _set(tiny_params, path, value)
+    with pytest.raises(ConfigError) as exc:
+        parse_params(tiny_params)
+    assert expected in str(exc.value)
+
+
+def test_bad_model_name_is_rejected(tiny_params):
+    tiny_params["models"]["Bad Name"] = tiny_params["models"]["digits-mlp"]
+    with pytest.raises(ConfigError, match="name 'Bad Name' must be lower-case"):
+        parse_params(tiny_params)
+
+
+def test_all_problems_are_reported_at_once(tiny_params):
+    tiny_params["distill"]["temperature"] = -1
+    tiny_params["models"]["cancer-mlp"]["teacher"]["hidden"] = [0]
+    with pytest.raises(ConfigError) as exc:
+        parse_params(tiny_params)
+    assert "distill.temperature" in str(exc.value)
+    assert "models.cancer-mlp.teacher.hidden.0" in str(exc.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the fleet definition"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("models: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_params(bad)
+
+
+def test_yaml_is_loaded_safely(tmp_path, tiny_params):
+    p = tmp_path / "params.yaml"
+    p.write_text("fleet: !!python/object/apply:os.system ['echo pwned']\n" + yaml.safe_dump(tiny_params))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(p)

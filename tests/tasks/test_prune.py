@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shrinkfleet import training
+from shrinkfleet.config import PruneConfig
+from shrinkfleet.evaluation import kernel_sparsity
+
+
+@pytest.mark.parametrize("target", [0.5, 0.8, 0.9])
+def test_pruning_reaches_the_target_sparsity(student, digits, target):
+    from tasks.prune import prune
+
+    pruned = prune(student, PruneConfig(target_sparsity=target, epochs=2, frequency=5), digits, seed=0)
+    assert kernel_sparsity(pruned) == pytest.approx(target, abs=0.01)
+    # every prunable layer is pruned, not just the big one
+    for layer in pruned.layers:
+        if hasattr(layer, "kernel"):
+            assert np.mean(layer.kernel.numpy() == 0) == pytest.approx(target, abs=0.02)
+
+
+def test_pruning_keeps_accuracy_and_leaves_the_input_alone(student, digits):
+    from tasks.prune import prune
+
+    before = [w.copy() for w in student.get_weights()]
+    pruned = prune(student, PruneConfig(target_sparsity=0.5, epochs=3, frequency=5), digits, seed=0)
+    assert kernel_sparsity(student) == 0.0
+    for a, b in zip(before, student.get_weights(), strict=True):
+        assert (a == b).all()
+    s_acc = training.accuracy(student, digits.test.x, digits.test.y)
+    assert training.accuracy(pruned, digits.test.x, digits.test.y) > s_acc - 0.05
+    assert not any("prune" in layer.name for layer in pruned.layers)  # stripped
+
+
+def test_schedule_ends_on_a_mask_update():
+    from tasks.prune import schedule_steps
+
+    end, freq, total = schedule_steps(1000, PruneConfig(epochs=3, batch_size=64, frequency=7))
+    assert total == 48 and end % freq == 0 and end <= 0.75 * total + freq
+
+
+def test_too_few_steps_is_a_clear_error():
+    from tasks.prune import schedule_steps
+
+    with pytest.raises(ValueError, match="raise prune.epochs"):
+        schedule_steps(10, PruneConfig(epochs=1, batch_size=64))

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+
+from shrinkfleet import evaluation as ev
+from shrinkfleet import training
+from shrinkfleet.config import MlpArch, QuantizeConfig, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def wide(digits):
+    """Layers with many inputs per output channel: int8 keeps ~24 bytes of scales and zero points per
+    output channel (weights and bias), so on narrow layers the ratio to float32 stays well under 4x."""
+    from tasks.teacher import train_teacher
+
+    model, _ = train_teacher(MlpArch(hidden=[256, 256]), TrainConfig(epochs=5, patience=0), digits, 0)
+    return model
+
+
+def test_int8_is_3x_smaller_and_within_2_points(wide, digits):
+    from tasks.quantize import quantize
+
+    out = quantize(wide, QuantizeConfig(modes=["float32", "int8"]), digits, seed=0)
+    assert len(out["float32"]) / len(out["int8"]) >= 3.0
+    float_acc = ev.accuracy_of(ev.TFLiteModel(out["float32"]).predict, digits.test.x, digits.test.y)
+    int8_acc = ev.accuracy_of(ev.TFLiteModel(out["int8"]).predict, digits.test.x, digits.test.y)
+    keras_acc = training.accuracy(wide, digits.test.x, digits.test.y)
+    assert float_acc == pytest.approx(keras_acc, abs=1e-6)
+    assert abs(float_acc - int8_acc) <= 0.02
+
+
+def test_every_mode_converts_and_sizes_are_ordered(wide, digits):
+    from tasks.quantize import quantize
+
+    out = quantize(wide, QuantizeConfig(), digits, seed=0)
+    assert set(out) == {"float32", "float16", "dynamic", "int8"}
+    assert len(out["float32"]) > len(out["float16"]) > len(out["dynamic"])
+    model = ev.TFLiteModel(out["int8"])
+    assert model.input["dtype"].__name__ == "int8"  # full integer, inputs included
+
+
+def test_unknown_mode_and_missing_calibration_are_errors(wide):
+    with pytest.raises(ValueError, match="unknown quantization mode 'int4'"):
+        ev.to_tflite(wide, "int4")
+    with pytest.raises(ValueError, match="int8 conversion needs representative samples"):
+        ev.to_tflite(wide, "int8")
+
+
+def test_tflite_sparsity_reads_the_stored_weights(student, digits):
+    from shrinkfleet.config import PruneConfig
+    from tasks.prune import prune
+
+    pruned = prune(student, PruneConfig(target_sparsity=0.6, epochs=2, frequency=5), digits, seed=0)
+    for mode in ("float32", "float16", "int8"):
+        content = ev.to_tflite(pruned, mode, digits.train.x[:20])
+        assert ev.tflite_sparsity(ev.TFLiteModel(content)) == pytest.approx(0.6, abs=0.02), mode

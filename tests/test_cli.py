@@ -1,0 +1,74 @@
+"""The command line: help, validation and bad input stop before any work, without a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from shrinkfleet.cli import app
+
+runner = CliRunner()
+
+
+def _write(tmp_path: Path, params: dict) -> Path:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return tmp_path
+
+
+def test_help_documents_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "stage", "validate", "report"):
+        assert command in result.output
+    run_help = runner.invoke(app, ["run", "--help"]).output
+    for option in ("--models", "--params", "--force", "--no-dvc", "--workers"):
+        assert option in run_help
+
+
+def test_validate_accepts_the_tiny_fleet(tmp_path, tiny_params):
+    result = runner.invoke(app, ["validate", "--root", str(_write(tmp_path, tiny_params))])
+    assert result.exit_code == 0, result.output
+    assert "is valid: 2 model(s)" in result.output
+
+
+@pytest.mark.parametrize("command", [["run"], ["validate"], ["stage", "teacher", "digits-mlp"]])
+def test_bad_params_exit_2_naming_the_key_before_any_work(tmp_path, tiny_params, command):
+    tiny_params["models"]["digits-mlp"]["prune"] = {"target_sparsity": 1.5}
+    root = _write(tmp_path, tiny_params)
+    result = runner.invoke(app, [*command, "--root", str(root)])
+    assert result.exit_code == 2
+    assert "models.digits-mlp.prune.target_sparsity: must be less than 1" in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in root.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_unknown_model_is_refused(tmp_path, tiny_params):
+    result = runner.invoke(app, ["run", "--models", "digits-mlp,ghost", "--root", str(_write(tmp_path, tiny_params))])
+    assert result.exit_code == 2
+    assert "--models: ghost not in the fleet (one of: digits-mlp, cancer-mlp)" in result.output
+
+
+def test_missing_dataset_file_is_caught_before_work(tmp_path, tiny_params):
+    tiny_params["datasets"]["mine"] = {"source": "npz", "path": "data/raw/mine.npz"}
+    tiny_params["models"]["digits-mlp"]["dataset"] = "mine"
+    root = _write(tmp_path, tiny_params)
+    result = runner.invoke(app, ["run", "--root", str(root)])
+    assert result.exit_code == 2
+    assert "datasets.mine.path:" in result.output and "mine.npz does not exist" in result.output
+    assert not (root / "mlflow.db").exists()
+
+
+def test_unknown_stage_and_target(tmp_path, tiny_params):
+    root = _write(tmp_path, tiny_params)
+    result = runner.invoke(app, ["stage", "cluster", "digits-mlp", "--root", str(root)])
+    assert result.exit_code == 2 and "unknown stage 'cluster'" in result.output
+    result = runner.invoke(app, ["stage", "teacher", "ghost", "--root", str(root)])
+    assert result.exit_code == 2 and "'ghost' is not a model of the fleet" in result.output
+
+
+def test_report_without_metrics_says_what_to_do(tmp_path, tiny_params):
+    result = runner.invoke(app, ["report", "--root", str(_write(tmp_path, tiny_params))])
+    assert result.exit_code == 1 and "run `shrinkfleet run` first" in result.output
