@@ -128,17 +128,45 @@ def fleet_flow(
     started = dt.datetime.now(dt.UTC)
     results: dict[str, dict[str, Any]] = {m: {"status": "running", "stages": {}} for m in names}
     with tracking.fleet_run(experiment_id, tags) as parent_run_id:
-        prep = {ds: prepare_task.with_options(**opts).submit(dataset=ds, **common)
-                for ds in fleet.datasets_in_use(names)}
-        owner: dict[Any, tuple[str | None, str]] = {f.task_run_id: (None, ds) for ds, f in prep.items()}
-        users = {ds: [m for m in names if fleet.models[m].dataset == ds] for ds in prep}
-        futures: list[PrefectFuture] = list(prep.values())
+        datasets = fleet.datasets_in_use(names)
+        users = {ds: [m for m in names if fleet.models[m].dataset == ds] for ds in datasets}
+        skip = _skippable(root_p, datasets, names, fleet) if use_dvc and not force else set()
+        owner: dict[Any, tuple[str | None, str]] = {}
+        futures: list[PrefectFuture] = []
+        prep: dict[str, PrefectFuture | None] = {}
+        for ds in datasets:
+            if f"prepare@{ds}" in skip:
+                prep[ds] = None
+                for m in users[ds]:
+                    results[m]["stages"]["prepare"] = "skipped"
+                _emit({"stage": "prepare", "target": ds, "status": "skipped", "seconds": 0.0})
+                continue
+            prep[ds] = prepare_task.with_options(**opts).submit(dataset=ds, **common)
+            owner[prep[ds].task_run_id] = (None, ds)
+            futures.append(prep[ds])
         for m in names:
             prev = prep[fleet.models[m].dataset]
             for stage, task in MODEL_TASKS:
-                prev = task.with_options(**opts).submit(model=m, wait_for=[prev], **common)
+                if f"{stage}@{m}" in skip:
+                    results[m]["stages"][stage] = "skipped"
+                    _emit({"stage": stage, "target": m, "status": "skipped", "seconds": 0.0})
+                    continue
+                prev = task.with_options(**opts).submit(model=m, wait_for=[prev] if prev else [], **common)
                 owner[prev.task_run_id] = (m, stage)
                 futures.append(prev)
+
+        def finish(model: str) -> None:
+            """Track a model whose every stage is done; a tracking error fails that model only."""
+            try:
+                results[model]["run_id"] = _track(ws, fleet.resolve(model), results[model]["stages"], use_dvc)
+                results[model]["status"] = "ok"
+            except Exception as exc:  # (one model's tracking must not stop the fleet)
+                results[model].update(status="failed", failed_stage="track", error=f"{type(exc).__name__}: {exc}")
+                _emit({"stage": "track", "target": model, "status": "failed", "error": str(exc)})
+
+        for m in names:
+            if all(results[m]["stages"].get(s) == "skipped" for s in STAGE_NAMES):
+                finish(m)
 
         for future in as_completed(futures):
             model, stage_or_ds = owner[future.task_run_id]
@@ -151,20 +179,16 @@ def fleet_flow(
                     results[m]["stages"][stage] = value["status"]
                 _emit({"stage": stage, "target": target, "status": value["status"], "seconds": value["seconds"]})
                 if stage == "evaluate":
-                    try:
-                        results[model]["run_id"] = _track(ws, fleet.resolve(model), results[model]["stages"],
-                                                          use_dvc)
-                        results[model]["status"] = "ok"
-                    except Exception as exc:
-                        results[model].update(status="failed", failed_stage="track",
-                                              error=f"{type(exc).__name__}: {exc}")
-                        _emit({"stage": "track", "target": model, "status": "failed", "error": str(exc)})
+                    finish(model)
             elif kind == "failed":
                 for m in affected:
                     results[m].update(status="failed", failed_stage=stage, error=value)
                 _emit({"stage": stage, "target": target, "status": "failed", "error": value})
             # "not-run": downstream of a failure, already reported through the failed stage.
 
+        for r in results.values():
+            if r["status"] == "running":  # cannot happen unless a future vanished; never report it as done
+                r.update(status="failed", failed_stage="flow", error="did not finish")
         failures = {m: f"{r['failed_stage']} failed: {r['error']}" for m, r in results.items()
                     if r["status"] == "failed"}
         for m in failures:
@@ -185,6 +209,24 @@ def fleet_flow(
         if failures:
             mlflow.set_tag("shrinkfleet.failed_models", ",".join(failures))
     return {"models": results, "report": str(path), "parent_run_id": parent_run_id, "use_dvc": use_dvc}
+
+
+def _skippable(root: Path, datasets: list[str], names: list[str], fleet: Any) -> set[str]:
+    """Stages that need no task at all: DVC reports them and every stage upstream up to date.
+
+    One DVC pass in the flow process; a stage with a stale upstream is submitted and decides
+    for itself once its upstream has been re-run and committed.
+    """
+    stages = [f"prepare@{ds}" for ds in datasets] + [f"{s}@{m}" for m in names for s, _ in MODEL_TASKS]
+    clean = versioning.up_to_date(root, stages)
+    skip = {f"prepare@{ds}" for ds in datasets if f"prepare@{ds}" in clean}
+    for m in names:
+        upstream_ok = f"prepare@{fleet.models[m].dataset}" in skip
+        for stage, _ in MODEL_TASKS:
+            upstream_ok = upstream_ok and f"{stage}@{m}" in clean
+            if upstream_ok:
+                skip.add(f"{stage}@{m}")
+    return skip
 
 
 def _track(ws: Workspace, cfg: Any, stages: dict[str, str], use_dvc: bool) -> str:

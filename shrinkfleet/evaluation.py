@@ -8,19 +8,16 @@ compression ratios are quoted against, free of ``.keras`` zip and JSON overhead.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import os
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from shrinkfleet.tfenv import keras, tf
+from shrinkfleet.tfenv import keras, quiet_native_stderr, tf
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV")
 PRUNABLE = (keras.layers.Dense, keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Conv1D)
@@ -61,29 +58,9 @@ def to_tflite(model: keras.Model, mode: str = "float32", representative: np.ndar
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-    with _quiet_native_stderr():
+    with quiet_native_stderr():
         return converter.convert()
 
-
-@contextlib.contextmanager
-def _quiet_native_stderr() -> Iterator[None]:
-    """Hold back what the converter's C++ code prints to fd 2; show it only if conversion fails."""
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 # ----------------------------------------------------------------------------- TFLite runner

@@ -7,15 +7,48 @@ built.
 
 from __future__ import annotations
 
+# Importing this module imports the package first, and shrinkfleet/__init__.py sets
+# TF_USE_LEGACY_KERAS before TensorFlow loads.
+import contextlib
 import logging
 import os
 import random
+import sys
+import tempfile
+from collections.abc import Iterator
 
-import numpy as np
-import tensorflow as tf
-import tf_keras as keras
 
-import shrinkfleet  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Hold back what TensorFlow's C++ side prints to fd 2; replay it only if the body fails.
+
+    TensorFlow 2.21 logs through absl before ``TF_CPP_MIN_LOG_LEVEL`` applies (oneDNN notes,
+    "could not find cuda drivers" on every CPU-only host, converter statistics), once per
+    worker process. ``SHRINKFLEET_TF_VERBOSE=1`` lets it through, for debugging GPU set-ups.
+    """
+    if os.environ.get("SHRINKFLEET_TF_VERBOSE") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+with quiet_native_stderr():
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras as keras
 
 log = logging.getLogger(__name__)
 # Retracing and deprecation chatter from TensorFlow's Python side is not actionable for users.
@@ -32,7 +65,8 @@ def configure_devices(mixed_precision: bool = False) -> list[str]:
     With no GPU, TensorFlow runs on the CPU and this returns an empty list.
     """
     global _configured
-    gpus = tf.config.list_physical_devices("GPU")
+    with quiet_native_stderr():
+        gpus = tf.config.list_physical_devices("GPU")
     if not _configured:
         for gpu in gpus:
             try:
@@ -42,6 +76,7 @@ def configure_devices(mixed_precision: bool = False) -> list[str]:
         if mixed_precision and gpus:
             keras.mixed_precision.set_global_policy("mixed_float16")
         _configured = True
+        log.info("devices: %s", ", ".join(g.name for g in gpus) or "CPU only (no GPU visible)")
     return [gpu.name for gpu in gpus]
 
 
@@ -60,7 +95,8 @@ def reset(seed: int) -> None:
 
 def tfmot():
     """Import TensorFlow Model Optimization lazily (it takes a second to load)."""
-    import tensorflow_model_optimization as _tfmot
+    with quiet_native_stderr():
+        import tensorflow_model_optimization as _tfmot
 
     return _tfmot
 

@@ -28,6 +28,9 @@ from mlflow.tracking import MlflowClient
 from shrinkfleet.config import ResolvedModel
 
 log = logging.getLogger(__name__)
+# MLflow's store announces schema creation/migration at INFO on every new database.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 TAG = "shrinkfleet"
 METRICS = (

@@ -43,6 +43,8 @@ def _repo(root: Path) -> Iterator[Any]:
 
     with _locked(root):
         repo = Repo(str(root))
+        # DVC's own logger set-up runs inside Repo(); quiet it afterwards.
+        logging.getLogger("dvc").setLevel(logging.WARNING)
         try:
             yield repo
         finally:
@@ -53,6 +55,13 @@ def stage_status(root: Path, stage: str) -> dict[str, Any]:
     """DVC's status of one stage: ``{}`` when it is up to date, else what changed."""
     with _repo(root) as repo:
         return repo.status(targets=[stage])
+
+
+def up_to_date(root: Path, stages: list[str]) -> set[str]:
+    """Which of ``stages`` DVC reports up to date, asked in one pass (one repo, one lock)."""
+    with _repo(root) as repo:
+        changed = repo.status(targets=stages)
+    return {s for s in stages if s not in changed}
 
 
 def is_up_to_date(root: Path, stage: str) -> bool:

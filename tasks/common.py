@@ -56,7 +56,11 @@ def execute(
     if use_dvc and not force and versioning.is_up_to_date(ctx.ws.root, dvc_stage):
         log.info("%s is up to date (DVC): skipped", dvc_stage)
         return {"stage": stage, "target": target, "status": "skipped", "seconds": time.perf_counter() - start}
-    summary = fn(ctx, target)
+    from shrinkfleet.tfenv import quiet_native_stderr
+
+    # TensorFlow/LiteRT's C++ notes (cuInit on CPU hosts, XNNPACK) are replayed only on failure.
+    with quiet_native_stderr():
+        summary = fn(ctx, target)
     if use_dvc:
         versioning.commit(ctx.ws.root, dvc_stage)
     seconds = time.perf_counter() - start
