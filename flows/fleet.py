@@ -23,6 +23,7 @@ from shrinkfleet import report, tracking, versioning
 from shrinkfleet.config import ConfigError, load_params
 from shrinkfleet.datasets import DatasetError
 from shrinkfleet.workspace import Workspace
+from tasks import register
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
 from tasks.prepare import prepare_task
@@ -158,8 +159,10 @@ def fleet_flow(
         def finish(model: str) -> None:
             """Track a model whose every stage is done; a tracking error fails that model only."""
             try:
-                results[model]["run_id"] = _track(ws, fleet.resolve(model), results[model]["stages"], use_dvc)
-                results[model]["status"] = "ok"
+                out = register.record(ws, fleet.resolve(model), results[model]["stages"], use_dvc, trigger,
+                                      tags["git_sha"])
+                results[model].update(out, status="ok")
+                _emit_registry(model, out["registry"])
             except Exception as exc:  # (one model's tracking must not stop the fleet)
                 results[model].update(status="failed", failed_stage="track", error=f"{type(exc).__name__}: {exc}")
                 _emit({"stage": "track", "target": model, "status": "failed", "error": str(exc)})
@@ -201,7 +204,7 @@ def fleet_flow(
             "trigger": trigger,
             "models": f"{len(names) - len(failures)} of {len(names)} finished",
             "MLflow run": parent_run_id,
-        })
+        }, outcomes={m: results[m] for m in docs})
         import mlflow
 
         mlflow.log_artifact(str(path), artifact_path="report")
@@ -229,14 +232,12 @@ def _skippable(root: Path, datasets: list[str], names: list[str], fleet: Any) ->
     return skip
 
 
-def _track(ws: Workspace, cfg: Any, stages: dict[str, str], use_dvc: bool) -> str:
-    doc = report.load_metrics(ws, [cfg.name])[cfg.name]
-    hashes: dict[str, str] = {}
-    if use_dvc:
-        for stage in STAGE_NAMES[1:]:
-            hashes.update(versioning.out_hashes(ws.root, f"{stage}@{cfg.name}"))
-        hashes.update(versioning.out_hashes(ws.root, f"prepare@{cfg.dataset_name}"))
-    return tracking.log_model(ws.root, cfg, doc, stages, hashes, ws.prepared(cfg.dataset_name))
+def _emit_registry(model: str, reg: dict[str, Any] | None) -> None:
+    if reg is None:
+        return
+    version = f" v{reg['version']}" if reg["version"] else ""
+    status = "promoted" if reg["promoted"] else "kept"
+    _emit({"stage": "registry", "target": model, "status": f"{status}{version}", "error": reg["reason"]})
 
 
 def run_fleet(

@@ -207,6 +207,24 @@ class EvaluateConfig(_Strict):
     latency_warmup: int = Field(10, ge=0, description="Untimed inferences before timing.")
 
 
+class GateConfig(_Strict):
+    """Which variants may be promoted to production, and which one is."""
+
+    max_accuracy_drop: float = Field(
+        0.02, ge=0, le=1,
+        description="Largest accepted teacher accuracy - variant accuracy (fraction; 0.02 = 2 points).",
+    )
+    max_size_bytes: int | None = Field(None, gt=0, description="Largest accepted flatbuffer size; None = no limit.")
+    max_latency_ms_p50: float | None = Field(
+        None, gt=0, description="Largest accepted median latency in ms; None = no limit."
+    )
+    objective: Literal["size_bytes", "accuracy", "latency_ms_p50"] = Field(
+        "size_bytes", description="How the candidate is chosen among passing variants: smallest size_bytes, "
+        "highest accuracy or lowest latency_ms_p50."
+    )
+    promote: bool = Field(True, description="Register the candidate in the MLflow Model Registry and move production.")
+
+
 class RunConfig(_Strict):
     """How the Prefect flow executes the fleet."""
 
@@ -234,6 +252,9 @@ class ModelSpec(_Strict):
     distill: dict[str, Any] = Field(description="Overrides of the distill: section ({} for none).")
     prune: dict[str, Any] = Field(description="Overrides of the prune: section ({} for none).")
     quantize: dict[str, Any] = Field(description="Overrides of the quantize: section ({} for none).")
+    gate: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the gate: section (optional: no stage reads it)."
+    )
 
 
 class ResolvedModel(_Strict):
@@ -251,6 +272,7 @@ class ResolvedModel(_Strict):
     prune: PruneConfig
     quantize: QuantizeConfig
     evaluate: EvaluateConfig
+    gate: GateConfig
 
     def flat_params(self) -> dict[str, Any]:
         """Every resolved setting as a flat ``section.key -> value`` dict (for MLflow)."""
@@ -276,6 +298,7 @@ class FleetConfig(_Strict):
     prune: PruneConfig = PruneConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
     datasets: dict[str, DatasetSpec] = Field(description="Datasets by name.")
     models: dict[str, ModelSpec] = Field(description="The fleet: models by name.")
 
@@ -325,6 +348,7 @@ class FleetConfig(_Strict):
             ),
             "prune": merged(PruneConfig, self.prune, spec.prune, "prune"),
             "quantize": merged(QuantizeConfig, self.quantize, spec.quantize, "quantize"),
+            "gate": merged(GateConfig, self.gate, spec.gate, "gate"),
         }
         if spec.dataset not in self.datasets:
             errors.append(

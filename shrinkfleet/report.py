@@ -27,14 +27,14 @@ def load_metrics(ws: Workspace, models: list[str]) -> dict[str, dict[str, Any]]:
     return docs
 
 
-def variant_table(docs: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per (model, variant) with every metric."""
+def variant_table(docs: dict[str, dict[str, Any]], gates: dict[str, dict[str, str]] | None = None) -> pd.DataFrame:
+    """One row per (model, variant) with every metric (and the gate's verdict, when given)."""
     rows = [
-        {"model": model, "variant": name, **v}
+        {"model": model, "variant": name, **v, "gate": (gates or {}).get(model, {}).get(name, "")}
         for model, doc in docs.items()
         for name, v in doc["variants"].items()
     ]
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=[*COLUMNS, "gate"])
 
 
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
@@ -51,6 +51,8 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
         "params": table["params"].map("{:,.0f}".format),
         "p50 ms": table["latency_ms_p50"].map("{:.3f}".format),
     })
+    if "gate" in table and table["gate"].astype(bool).any():
+        out["gate"] = table["gate"].replace({"not a candidate": ""})
     return out
 
 
@@ -79,17 +81,30 @@ def plot_model(doc: dict[str, Any], path: Path) -> None:
 
 
 def write_report(ws: Workspace, docs: dict[str, dict[str, Any]], failures: dict[str, str],
-                 header: dict[str, str]) -> Path:
-    """Write reports/fleet.md (table, failures, plots) and return its path."""
+                 header: dict[str, str], outcomes: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write reports/fleet.md (table, gate, registry, failures, plots) and return its path.
+
+    Args:
+        outcomes: per model, ``{"gate": {variant: verdict}, "registry": Registration dict}``.
+    """
+    outcomes = outcomes or {}
     ws.reports.mkdir(parents=True, exist_ok=True)
     lines = ["# Fleet report", ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items()]
     lines += ["", "Accuracy on each model's test split; drop vs its teacher in percentage points; bytes of the",
               "TFLite flatbuffer (Keras variants as float32); ratio = teacher bytes / variant bytes.", ""]
     if docs:
-        lines.append(formatted(variant_table(docs)).to_markdown(index=False))
+        gates = {m: o.get("gate") or {} for m, o in outcomes.items()}
+        lines.append(formatted(variant_table(docs, gates)).to_markdown(index=False))
     else:
         lines.append("_No model finished._")
+    regs = {m: o["registry"] for m, o in outcomes.items() if o.get("registry")}
+    if regs:
+        lines += ["", "## Registry (alias `production`)", ""]
+        for m, reg in regs.items():
+            where = f"v{reg['version']}" if reg["version"] else "none"
+            lines.append(f"- **{m}**: {'promoted to' if reg['promoted'] else 'production'} {where} "
+                         f"(candidate: {reg['candidate'] or 'none'}): {reg['reason']}")
     if failures:
         lines += ["", "## Failed", ""]
         lines += [f"- **{m}**: {why}" for m, why in failures.items()]

@@ -7,6 +7,7 @@ mid-write never leaves a half-written model or dataset for DVC to record.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -64,3 +65,12 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_md5(path: Path) -> str:
+    """The md5 DVC 3 records for a file: the plain md5 of its bytes (a content address, not security)."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import subprocess
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,15 @@ def _chain(variant: str, doc: dict[str, Any]) -> list[str]:
     return chain[::-1]
 
 
+@dataclass
+class LoggedModel:
+    """Run ids of one model's child run and variant runs, and the candidate's pyfunc URI."""
+
+    run_id: str
+    variant_run_ids: dict[str, str]
+    model_uri: str | None = None
+
+
 def log_model(
     root: Path,
     cfg: ResolvedModel,
@@ -123,7 +134,9 @@ def log_model(
     stages: dict[str, str],
     dvc_hashes: dict[str, str],
     dataset_dir: Path,
-) -> str:
+    gate_verdicts: dict[str, str] | None = None,
+    serve: str | None = None,
+) -> LoggedModel:
     """Log one finished model (child run) and each of its variants (nested runs).
 
     Args:
@@ -131,9 +144,8 @@ def log_model(
         stages: stage name -> ``ran`` | ``skipped`` for this fleet run.
         dvc_hashes: artifact path (relative to root) -> DVC md5, from dvc.lock.
         dataset_dir: the prepared dataset's folder (logged as the run's input).
-
-    Returns:
-        The child run's id.
+        gate_verdicts: variant -> gate verdict, tagged on each variant run.
+        serve: the variant to also log as a servable pyfunc (the gate's candidate).
     """
     dataset = _dataset_input(cfg.dataset_name, dataset_dir, doc["dataset_digest"])
     common_tags = {f"{TAG}.model": cfg.name, f"{TAG}.dataset_digest": doc["dataset_digest"]}
@@ -143,6 +155,7 @@ def log_model(
         mlflow.log_params(cfg.flat_params())
         mlflow.log_input(dataset, context="training")
         run_ids: dict[str, str] = {}
+        model_uri = None
         for variant, v in doc["variants"].items():
             sections: tuple[str, ...] = ()
             for step in _chain(variant, doc):
@@ -162,15 +175,45 @@ def log_model(
             md5 = _artifact_md5(v["path"], dvc_hashes)
             if md5:
                 tags["dvc.md5"] = md5
+            if gate_verdicts and variant in gate_verdicts:
+                tags[f"{TAG}.gate"] = gate_verdicts[variant][:4000]
             with mlflow.start_run(run_name=f"{cfg.name}/{variant}", nested=True, tags=tags) as vrun:
                 mlflow.log_params({"variant": variant, "recipe": v["recipe"], **_params_for(cfg, sections)})
                 mlflow.log_metrics({m: float(v[m]) for m in METRICS})
                 mlflow.log_input(dataset, context="evaluation")
                 if artifact.is_file():
                     mlflow.log_artifact(str(artifact), artifact_path="model")
+                if variant == serve:
+                    model_uri = log_pyfunc(artifact, dataset_dir / "meta.json")
                 run_ids[variant] = vrun.info.run_id
         mlflow.log_dict(doc, "metrics.json")
-        return model_run.info.run_id
+        return LoggedModel(model_run.info.run_id, run_ids, model_uri)
+
+
+def log_pyfunc(tflite: Path, meta_path: Path) -> str:
+    """Log a ``.tflite`` as the servable pyfunc of ``serving_model.py`` in the active run; returns its URI."""
+    from importlib.metadata import version
+
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    meta = json.loads(meta_path.read_text())
+    n_in = int(np.prod(meta["input_shape"]))
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_in))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(meta["num_classes"])))]),
+    )
+    info = mlflow.pyfunc.log_model(
+        name="pyfunc",
+        python_model=str(Path(__file__).with_name("serving_model.py")),
+        artifacts={"tflite": str(tflite), "preprocessing": str(meta_path)},
+        signature=signature,
+        # Pinned explicitly: MLflow's inference would import the whole training stack.
+        pip_requirements=[f"mlflow=={version('mlflow')}", f"numpy=={version('numpy')}",
+                          f"ai-edge-litert=={version('ai-edge-litert')}"],
+    )
+    return info.model_uri
 
 
 def log_failed_model(name: str, stage: str, error: str) -> str:

@@ -1,0 +1,73 @@
+"""The promotion gate: which variants may go to production, and which one is the candidate.
+
+Only deployable ``.tflite`` variants are candidates (the registered model runs them with
+LiteRT). A variant fails the gate when any limit is exceeded; the failure says which limit
+and by how much, so the report can explain why nothing was promoted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shrinkfleet.config import GateConfig
+
+
+@dataclass(frozen=True)
+class GateFailure:
+    metric: str
+    value: float
+    limit: float
+
+    def __str__(self) -> str:
+        if self.metric == "accuracy_drop":
+            return f"accuracy_drop {self.value * 100:.2f} > {self.limit * 100:.2f} pts"
+        if self.metric == "size_bytes":
+            return f"size_bytes {self.value:,.0f} > {self.limit:,.0f}"
+        return f"{self.metric} {self.value:.3f} > {self.limit:.3f}"
+
+
+def check(metrics: dict[str, Any], gate: GateConfig) -> list[GateFailure]:
+    """Every limit of ``gate`` that the variant's metrics exceed (empty = it passes)."""
+    limits = {
+        "accuracy_drop": gate.max_accuracy_drop,
+        "size_bytes": gate.max_size_bytes,
+        "latency_ms_p50": gate.max_latency_ms_p50,
+    }
+    return [
+        GateFailure(metric, float(metrics[metric]), float(limit))
+        for metric, limit in limits.items()
+        if limit is not None and float(metrics[metric]) > float(limit) + 1e-12
+    ]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The gate's verdict on one model's variants."""
+
+    candidate: str | None
+    failures: dict[str, list[GateFailure]]  # variant -> failed limits ([] = passed)
+
+    def verdict(self, variant: str) -> str:
+        if variant not in self.failures:
+            return "not a candidate"
+        fails = self.failures[variant]
+        return "pass" if not fails else "fail: " + "; ".join(str(f) for f in fails)
+
+
+def decide(variants: dict[str, dict[str, Any]], gate: GateConfig) -> Decision:
+    """Gate every ``.tflite`` variant and pick the best passing one by ``gate.objective``.
+
+    Ties break towards higher accuracy, then smaller size, then name (deterministic).
+    """
+    failures = {name: check(v, gate) for name, v in variants.items() if v["format"] == "tflite"}
+    passing = [name for name, fails in failures.items() if not fails]
+    if not passing:
+        return Decision(None, failures)
+    sign = -1.0 if gate.objective == "accuracy" else 1.0
+
+    def key(name: str) -> tuple:
+        v = variants[name]
+        return (sign * float(v[gate.objective]), -float(v["accuracy"]), float(v["size_bytes"]), name)
+
+    return Decision(min(passing, key=key), failures)

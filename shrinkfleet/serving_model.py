@@ -1,0 +1,80 @@
+"""The registered model: an MLflow pyfunc that runs a ``.tflite`` variant with LiteRT.
+
+MLflow stores this file inside every registered version ("models from code") and runs it
+on load, so it imports only numpy, MLflow and ``ai_edge_litert``, never shrinkfleet: a
+serving host needs no training stack.
+
+Input: raw features as the dataset's source provides them (before shrinkfleet's
+normalisation), one sample per row, either flat (``n x prod(input_shape)``) or shaped
+(``n x *input_shape``), as a numpy array or a pandas DataFrame. The model applies the
+dataset's normalisation (saved with the version), quantizes for int8 models, and returns
+class probabilities (softmax of the logits), ``n x classes``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+
+
+class TFLiteClassifier(mlflow.pyfunc.PythonModel):
+    """Class probabilities from a TFLite classifier, with the training-time preprocessing."""
+
+    def load_context(self, context):
+        from ai_edge_litert.interpreter import Interpreter
+
+        with open(context.artifacts["preprocessing"]) as f:
+            self.meta = json.load(f)
+        with open(context.artifacts["tflite"], "rb") as f:
+            self.interpreter = Interpreter(model_content=f.read())
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.batch = int(self.input["shape"][0])
+
+    def _normalise(self, x: np.ndarray) -> np.ndarray:
+        norm = self.meta["normalization"]
+        if norm["method"] == "scale":
+            return x / np.float32(norm["scale"])
+        mean = np.asarray(norm["mean"], dtype=np.float64)
+        std = np.asarray(norm["std"], dtype=np.float64)
+        return (x.reshape(len(x), -1) - mean) / std
+
+    def predict(self, context, model_input, params=None):
+        if isinstance(model_input, dict):  # a named tensor input: {name: array}
+            (model_input,) = model_input.values()
+        if hasattr(model_input, "to_numpy"):  # pandas DataFrame
+            model_input = model_input.to_numpy()
+        x = np.asarray(model_input, dtype=np.float64)
+        shape = tuple(self.meta["input_shape"])
+        if x.ndim == 1:
+            x = x[None, :]
+        x = self._normalise(x.reshape(len(x), -1)).reshape((len(x), *shape)).astype(np.float32)
+        if self.input["dtype"] in (np.int8, np.uint8):
+            scale, zero = self.input["quantization"]
+            info = np.iinfo(self.input["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(self.input["dtype"])
+        outs = []
+        for start in range(0, len(x), 256):
+            chunk = x[start: start + 256]
+            if len(chunk) != self.batch:
+                self.interpreter.resize_tensor_input(self.input["index"], [len(chunk), *shape])
+                self.interpreter.allocate_tensors()
+                self.input = self.interpreter.get_input_details()[0]
+                self.output = self.interpreter.get_output_details()[0]
+                self.batch = len(chunk)
+            self.interpreter.set_tensor(self.input["index"], chunk)
+            self.interpreter.invoke()
+            y = self.interpreter.get_tensor(self.output["index"]).astype(np.float32)
+            if self.output["dtype"] in (np.int8, np.uint8):
+                scale, zero = self.output["quantization"]
+                y = (y - zero) * scale
+            outs.append(y)
+        logits = np.concatenate(outs)
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+
+mlflow.models.set_model(TFLiteClassifier())
