@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Off a terminal (CI logs, `make run | tee`), Rich would wrap the variant table at 80 columns.
-console = Console() if Console().is_terminal else Console(width=150)
+console = Console() if Console().is_terminal else Console(width=200)
 err = Console(stderr=True)
 
 ParamsOpt = Annotated[

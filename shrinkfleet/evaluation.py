@@ -66,6 +66,26 @@ def to_tflite(model: keras.Model, mode: str = "float32", representative: np.ndar
 # ----------------------------------------------------------------------------- TFLite runner
 
 
+def open_interpreter(content: bytes) -> tuple[object, str]:
+    """A LiteRT interpreter with tensors allocated, and which kernels run it.
+
+    XNNPACK (the default CPU delegate) refuses some int8 graphs whose quantization scales it
+    cannot represent ("failed to prepare"); the built-in kernels run them. Returns
+    ``(interpreter, "xnnpack" | "builtin")`` so latencies can be read accordingly.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    try:
+        it = Interpreter(model_content=content)
+        it.allocate_tensors()
+        return it, "xnnpack"
+    except RuntimeError:
+        it = Interpreter(model_content=content,
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        it.allocate_tensors()
+        return it, "builtin"
+
+
 class TFLiteModel:
     """Runs a ``.tflite`` flatbuffer with LiteRT; quantizes int8 inputs and dequantizes outputs."""
 
@@ -74,8 +94,7 @@ class TFLiteModel:
 
         self.content = content
         self._interpreter_cls = Interpreter
-        self.interpreter = Interpreter(model_content=content)
-        self.interpreter.allocate_tensors()
+        self.interpreter, self.runtime = open_interpreter(content)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self._batch = int(self.input["shape"][0])
@@ -125,8 +144,7 @@ class TFLiteModel:
 
     def weight_tensors(self) -> list[np.ndarray]:
         """The constant weight tensors of every weight-bearing op (float16 weights followed through DEQUANTIZE)."""
-        it = self._interpreter_cls(model_content=self.content)
-        it.allocate_tensors()
+        it, _ = open_interpreter(self.content)
         ops = it._get_ops_details()
         produced_by = {out: op for op in ops for out in op["outputs"]}
         weights = []

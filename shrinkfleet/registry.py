@@ -39,7 +39,7 @@ class Registration:
 
     model: str
     candidate: str | None
-    version: str | None = None
+    version: str | None = None  # in production after this run (None: nothing ever promoted)
     created: bool = False
     promoted: bool = False
     previous: str | None = None
@@ -182,6 +182,7 @@ def consider(
     current = production(model)
     reg.previous = str(current.version) if current else None
     if candidate is None:
+        reg.version = reg.previous
         reg.reason = "no variant passed the gate; production " + (
             f"stays at v{current.version}" if current else "is still unset")
         return reg

@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from shrinkfleet.storage import atomic_path
+from shrinkfleet.storage import atomic_path, file_md5
 
 
 class RestoreError(RuntimeError):
@@ -67,14 +67,14 @@ def restore(root: Path, outs: dict[str, str], out_dir: Path) -> list[tuple[str, 
                 files = [(f"{path}/{entry['relpath']}", entry["md5"]) for entry in listing]
             else:
                 files = [(path, md5)]
-            for rel, file_md5 in files:
+            for rel, want in files:
                 target = out_dir / rel
                 with atomic_path(target) as tmp:
-                    shutil.copyfile(store.fetch(file_md5), tmp)
+                    shutil.copyfile(store.fetch(want), tmp)
                     got = file_md5(tmp)
-                    if got != file_md5:
-                        raise RestoreError(f"{rel}: restored bytes have md5 {got}, recorded {file_md5}")
-                restored.append((rel, file_md5))
+                    if got != want:
+                        raise RestoreError(f"{rel}: restored bytes have md5 {got}, recorded {want}")
+                restored.append((rel, want))
     finally:
         store.close()
     return restored

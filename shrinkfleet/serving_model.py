@@ -23,13 +23,19 @@ class TFLiteClassifier(mlflow.pyfunc.PythonModel):
     """Class probabilities from a TFLite classifier, with the training-time preprocessing."""
 
     def load_context(self, context):
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         with open(context.artifacts["preprocessing"]) as f:
             self.meta = json.load(f)
         with open(context.artifacts["tflite"], "rb") as f:
-            self.interpreter = Interpreter(model_content=f.read())
-        self.interpreter.allocate_tensors()
+            content = f.read()
+        try:
+            self.interpreter = Interpreter(model_content=content)
+            self.interpreter.allocate_tensors()
+        except RuntimeError:  # XNNPACK refuses some int8 scale combinations; built-in kernels run them
+            self.interpreter = Interpreter(
+                model_content=content, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.batch = int(self.input["shape"][0])

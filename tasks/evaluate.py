@@ -49,6 +49,7 @@ def measure_keras(model: keras.Model, data: Prepared, runs: int, warmup: int) ->
     call = ev.keras_caller(model)
     lat = ev.latency(call, data.test.x, runs, warmup)
     return {
+        "runtime": "tf.function",
         "accuracy": ev.accuracy_of(lambda x: model.predict(x, batch_size=512, verbose=0), data.test.x, data.test.y),
         "size_bytes": len(content),
         "gzip_bytes": ev.gzip_size(content),
@@ -65,6 +66,7 @@ def measure_tflite(path: Path, data: Prepared, runs: int, warmup: int) -> dict[s
     acc = ev.accuracy_of(model.predict, data.test.x, data.test.y)
     lat = ev.latency(model, data.test.x, runs, warmup)
     return {
+        "runtime": model.runtime,
         "accuracy": acc,
         "size_bytes": len(model.content),
         "gzip_bytes": ev.gzip_size(model.content),
@@ -104,7 +106,7 @@ def evaluate(ctx: StageContext, model_name: str) -> dict[str, Any]:
         "dataset_digest": data.meta["digest"],
         "test_samples": len(data.test),
         "teacher_bytes": teacher["size_bytes"],
-        "variants": {name: {k: v[k] for k in ("format", "path", "parent", "recipe", *METRIC_NAMES)}
+        "variants": {name: {k: v[k] for k in ("format", "path", "parent", "recipe", "runtime", *METRIC_NAMES)}
                      for name, v in variants.items()},
     }
 

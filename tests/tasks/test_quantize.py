@@ -54,3 +54,29 @@ def test_tflite_sparsity_reads_the_stored_weights(student, digits):
     for mode in ("float32", "float16", "int8"):
         content = ev.to_tflite(pruned, mode, digits.train.x[:20])
         assert ev.tflite_sparsity(ev.TFLiteModel(content)) == pytest.approx(0.6, abs=0.02), mode
+
+
+def test_xnnpack_refusal_falls_back_to_builtin_kernels(wide, digits, monkeypatch):
+    """Some int8 graphs fail XNNPACK's prepare step; the built-in kernels must still run them."""
+    import ai_edge_litert.interpreter as litert
+
+    content = ev.to_tflite(wide, "int8", digits.train.x[:20])
+    real = litert.Interpreter
+
+    class PickyInterpreter(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._default = "experimental_op_resolver_type" not in kwargs
+
+        def allocate_tensors(self):
+            if self._default:
+                raise RuntimeError("failed to create XNNPACK runtime (TfLiteXNNPackDelegate) failed to prepare.")
+            return super().allocate_tensors()
+
+    monkeypatch.setattr(litert, "Interpreter", PickyInterpreter)
+    model = ev.TFLiteModel(content)
+    assert model.runtime == "builtin"
+    monkeypatch.setattr(litert, "Interpreter", real)
+    reference = ev.TFLiteModel(content)
+    assert reference.runtime == "xnnpack"
+    assert (model.predict(digits.test.x).argmax(1) == reference.predict(digits.test.x).argmax(1)).mean() > 0.99
