@@ -1,5 +1,5 @@
 """The fleet flow: every model of params.yaml through prepare > teacher > distill > prune >
-quantize > evaluate, in parallel worker processes, then tracked in MLflow and reported.
+compress (recipes) > evaluate, in parallel worker processes, then tracked in MLflow and reported.
 
 Stages are Prefect tasks (retried on transient failures; training ones tagged ``gpu``)
 that DVC skips when up to date and records when they ran. TensorFlow keeps global state
@@ -20,22 +20,22 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from shrinkfleet import report, tracking, versioning
-from shrinkfleet.config import ConfigError, load_params
+from shrinkfleet.config import ConfigError, load_params, select_models
 from shrinkfleet.datasets import DatasetError
 from shrinkfleet.workspace import Workspace
 from tasks import register
+from tasks.compress import compress_task
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
 from tasks.prepare import prepare_task
 from tasks.prune import prune_task
-from tasks.quantize import quantize_task
 from tasks.teacher import teacher_task
 
 MODEL_TASKS = (
     ("teacher", teacher_task),
     ("distill", distill_task),
     ("prune", prune_task),
-    ("quantize", quantize_task),
+    ("compress", compress_task),
     ("evaluate", evaluate_task),
 )
 STAGE_NAMES = ("prepare", *(name for name, _ in MODEL_TASKS))
@@ -79,20 +79,6 @@ def _outcome(future: PrefectFuture) -> tuple[str, Any]:
     if state.name == "NotReady" or state.is_pending():
         return "not-run", "an earlier stage failed"
     return "failed", str(state.message or state.name)
-
-
-def select_models(fleet_models: list[str], wanted: list[str] | None) -> list[str]:
-    """The fleet members to run, in fleet order.
-
-    Raises:
-        ConfigError: ``wanted`` names a model that is not in the fleet.
-    """
-    if not wanted:
-        return fleet_models
-    unknown = [m for m in wanted if m not in fleet_models]
-    if unknown:
-        raise ConfigError(f"--models: {', '.join(unknown)} not in the fleet (one of: {', '.join(fleet_models)})")
-    return [m for m in fleet_models if m in wanted]
 
 
 @flow(name="shrinkfleet-fleet", log_prints=True, task_runner=ProcessPoolTaskRunner(max_workers=2))

@@ -18,7 +18,8 @@ from rich.markup import escape
 
 app = typer.Typer(
     name="shrinkfleet",
-    help="Compress a whole fleet of models every night: distil, prune, quantize, evaluate, track.",
+    help="Compress a whole fleet of models every night: distil, prune, cluster, quantize, entropy-code, evaluate, "
+    "track, register.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -73,6 +74,17 @@ def preflight(fleet: Any, params: Path, root: Path, models: list[str]) -> list[s
     return problems
 
 
+def dvc_preflight(root: Path, params: Path) -> list[str]:
+    """Keys dvc.yaml's stages read that params.yaml lacks, as messages saying how to fix them."""
+    import yaml
+
+    from shrinkfleet import versioning
+
+    raw = yaml.safe_load(params.read_text()) or {}
+    return [f"{key}: missing from {params.name}, and DVC tracks it; write it out "
+            f"(`{key.rsplit('.', 1)[-1]}: {{}}` takes the defaults)" for key in versioning.missing_params(root, raw)]
+
+
 @app.command()
 def run(
     models: Annotated[
@@ -101,11 +113,9 @@ def run(
     root, params = _paths(root, params)
     fleet = _load(params)
     wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    from shrinkfleet.config import ConfigError
+    from shrinkfleet.config import ConfigError, select_models
 
     try:
-        from flows.fleet import select_models
-
         names = select_models(fleet.model_names(), wanted)
     except ConfigError as exc:
         _fail(str(exc))
@@ -122,6 +132,10 @@ def run(
     elif use_dvc and params != root / "params.yaml":
         err.print(f"[yellow]note:[/] DVC tracks {root / 'params.yaml'}; with --params {params} stages always run "
                   "and are not recorded", soft_wrap=True)
+    elif use_dvc:
+        missing = dvc_preflight(root, params)
+        if missing:
+            _fail("cannot start:\n  " + "\n  ".join(missing))
 
     console.print(f"[bold]shrinkfleet[/] fleet [cyan]{fleet.fleet}[/]: {len(names)} model(s), "
                   f"{workers or fleet.run.workers} worker(s), DVC {'on' if use_dvc else 'off'}")
@@ -211,7 +225,7 @@ def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapse
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="prepare | teacher | distill | prune | quantize | evaluate")],
+    name: Annotated[str, typer.Argument(help="prepare | teacher | distill | prune | compress | evaluate")],
     target: Annotated[str, typer.Argument(help="A dataset name (prepare) or a model name (other stages).")],
     params: ParamsOpt = None,
     root: RootOpt = Path("."),
@@ -270,6 +284,26 @@ def report(
     if not docs:
         _fail("no metrics yet: run `shrinkfleet run` first", code=1)
     console.print(rep.formatted(rep.variant_table(docs)).to_markdown(index=False))
+
+
+@app.command()
+def decode(
+    blob: Annotated[Path, typer.Argument(help="An entropy-coded variant (models/<model>/variants/<name>.sfc).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .tflite flatbuffer.")],
+) -> None:
+    """Decode a .sfc blob back to its .tflite flatbuffer (byte-identical to the variant)."""
+    from shrinkfleet import coding
+    from shrinkfleet.storage import atomic_path
+
+    try:
+        content = coding.decode(blob.read_bytes())
+    except OSError as exc:
+        _fail(f"{blob}: {exc.strerror}")
+    except coding.CodingError as exc:
+        _fail(f"{blob}: {exc}")
+    with atomic_path(out.resolve(), suffix=".tflite") as tmp:
+        tmp.write_bytes(content)
+    console.print(f"{blob} ({blob.stat().st_size:,} B) -> {out} ({len(content):,} B)")
 
 
 # ----------------------------------------------------------------------------- registry

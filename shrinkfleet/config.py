@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-STAGES = ("prepare", "teacher", "distill", "prune", "quantize", "evaluate")
+STAGES = ("prepare", "teacher", "distill", "prune", "compress", "evaluate")
 MODEL_STAGES = STAGES[1:]
 QUANT_MODES = ("float32", "float16", "dynamic", "int8")
 SKLEARN_SETS = ("digits", "breast_cancer", "wine", "iris")
@@ -56,6 +56,9 @@ class SplitConfig(_Strict):
 
 
 class _DatasetBase(_Strict):
+    features: FeatureConfig = Field(
+        default_factory=lambda: FeatureConfig(), description="Feature selection/extraction (tabular only)."
+    )
     limit: int | None = Field(
         None, gt=0, description="Keep at most this many training samples (stratified); None keeps all."
     )
@@ -125,6 +128,7 @@ class CnnArch(_TrainOverrides):
     arch: Literal["cnn"] = "cnn"
     filters: list[Annotated[int, Field(ge=1)]] = Field([16, 32], min_length=1, description="Filters per conv block.")
     kernel_size: int = Field(3, ge=1, le=11, description="Square kernel size of every conv layer.")
+    padding: Literal["same", "valid"] = Field("same", description="Conv padding (valid: LeNet-5's shrinking maps).")
     dense: list[Annotated[int, Field(ge=1)]] = Field([64], description="Units of the dense layers after the convs.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
 
@@ -169,6 +173,9 @@ class PruneConfig(_Strict):
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="Adam learning rate while pruning.")
     frequency: int = Field(10, ge=1, description="Steps between two mask updates.")
     power: float = Field(3.0, gt=0, description="Exponent of the polynomial decay.")
+    pattern: Literal["unstructured", "2:4"] = Field(
+        "unstructured", description="unstructured magnitude pruning, or 2:4 (two zeros in every four weights)."
+    )
     end_fraction: float = Field(
         0.75, gt=0, le=1, description="Share of the fine-tuning steps after which the target is reached."
     )
@@ -183,21 +190,118 @@ class PruneConfig(_Strict):
 
 
 class QuantizeConfig(_Strict):
-    """Post-training conversion of the pruned student to TFLite flatbuffers."""
+    """Conversion to TFLite flatbuffers (the last step of every recipe)."""
 
-    modes: list[Literal["float32", "float16", "dynamic", "int8"]] = Field(
-        list(QUANT_MODES), min_length=1, description="Which TFLite variants to write."
-    )
     representative_samples: int = Field(
         200, ge=1, description="Train samples used to calibrate full-integer int8 ranges."
     )
 
-    @field_validator("modes")
+
+class ClusterConfig(_Strict):
+    """TFMOT weight clustering (weight sharing): every kernel keeps at most ``clusters`` distinct values."""
+
+    clusters: int = Field(16, ge=2, le=256, description="Distinct values per kernel (centroids).")
+    init: Literal["kmeans_plus_plus", "linear", "density_based", "random"] = Field(
+        "kmeans_plus_plus", description="How centroids start."
+    )
+    preserve_sparsity: bool = Field(True, description="Keep pruned zeros at zero (sparsity-preserving clustering).")
+    epochs: int = Field(3, ge=1, le=10_000, description="Fine-tuning epochs with the centroids trainable.")
+    batch_size: int = Field(64, ge=1, description="Samples per gradient step.")
+    learning_rate: float = Field(5e-4, gt=0, lt=1, description="Adam learning rate.")
+
+
+class QatConfig(_Strict):
+    """Quantization-aware training (QAT, PQAT, CQAT, PCQAT) before the int8 conversion."""
+
+    epochs: int = Field(2, ge=1, le=10_000, description="Fine-tuning epochs with fake-quantized weights.")
+    batch_size: int = Field(64, ge=1, description="Samples per gradient step.")
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Adam learning rate.")
+
+
+TRAINING_STEPS = ("prune", "cluster", "qat", "pqat", "cqat", "pcqat")
+QAT_STEPS = ("qat", "pqat", "cqat", "pcqat")
+STEP_CONFIGS: dict[str, str] = {"prune": "prune", "cluster": "cluster", **{q: "qat" for q in QAT_STEPS}}
+
+
+class RecipeSpec(_Strict):
+    """An ordered list of techniques applied to a starting model, ending in one TFLite conversion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    start: Literal["teacher", "student", "pruned"] = Field(
+        "pruned", alias="from", description="Model the recipe starts from."
+    )
+    steps: list[str | dict[str, dict[str, Any]]] = Field(
+        min_length=1, description="Technique names (or {name: {overrides}}), the last one a conversion."
+    )
+
+    @field_validator("steps")
     @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"lists a mode twice: {v}")
-        return v
+    def _shape(cls, steps: list[Any]) -> list[Any]:
+        names = [s if isinstance(s, str) else next(iter(s)) for s in steps]
+        for s in steps:
+            if isinstance(s, dict) and len(s) != 1:
+                raise ValueError(f"a step is a name or a one-key mapping {{name: {{...}}}}, got {s}")
+        allowed = (*TRAINING_STEPS, *QUANT_MODES)
+        for n in names:
+            if n not in allowed:
+                raise ValueError(f"unknown step {n!r}; one of: {', '.join(allowed)}")
+        if names[-1] not in QUANT_MODES:
+            raise ValueError(f"the last step must be a conversion ({', '.join(QUANT_MODES)}), got {names[-1]!r}")
+        if any(n in QUANT_MODES for n in names[:-1]):
+            raise ValueError("a conversion may only be the last step")
+        for i, n in enumerate(names):
+            if n in QAT_STEPS and names[-1] != "int8":
+                raise ValueError(f"{n} trains for int8: the recipe must end with int8")
+            if n in ("cqat", "pcqat") and "cluster" not in names[:i]:
+                raise ValueError(f"{n} preserves clusters: put a cluster step before it")
+        if sum(n in QAT_STEPS for n in names) > 1:
+            raise ValueError("at most one of qat, pqat, cqat, pcqat per recipe")
+        return steps
+
+    def step_names(self) -> list[str]:
+        return [s if isinstance(s, str) else next(iter(s)) for s in self.steps]
+
+
+DEFAULT_RECIPES: dict[str, dict[str, Any]] = {
+    "pruned-float32": {"steps": ["float32"]},
+    "pruned-float16": {"steps": ["float16"]},
+    "pruned-dynamic": {"steps": ["dynamic"]},
+    "pruned-int8": {"steps": ["int8"]},
+    "pruned-clustered": {"steps": ["cluster", "float32"]},
+    "pruned-pcqat": {"steps": ["cluster", "pcqat", "int8"]},
+}
+
+
+class SearchConfig(_Strict):
+    """Bounded search for the smallest variant within an accuracy bound (off unless enabled)."""
+
+    enabled: bool = Field(False, description="Run the search in the compress stage.")
+    budget: int = Field(6, ge=1, le=1000, description="Most trials (each prunes, clusters and converts).")
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, le=1, description="Largest accepted drop vs the teacher on the validation split (fraction)."
+    )
+    sparsities: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        [0.8, 0.9, 0.95], min_length=1, description="Target sparsities to try."
+    )
+    clusters: list[Annotated[int, Field(ge=2, le=256)]] = Field(
+        [8, 16, 32], min_length=1, description="Cluster counts to try."
+    )
+    conversions: list[Literal["float32", "int8"]] = Field(
+        ["float32"], min_length=1, description="Conversions to try (float32 keeps exact clusters for coding)."
+    )
+
+
+class FeatureConfig(_Strict):
+    """Feature selection / extraction for tabular data, fitted on the train split only."""
+
+    variance_threshold: float | None = Field(
+        None, ge=0, description="Drop raw features whose train variance is at most this; None = keep all."
+    )
+    select_k: int | None = Field(
+        None, ge=1, description="Keep the k features with the highest mutual information with the label."
+    )
+    pca: int | None = Field(None, ge=1, description="Project onto this many principal components.")
 
 
 class EvaluateConfig(_Strict):
@@ -218,9 +322,9 @@ class GateConfig(_Strict):
     max_latency_ms_p50: float | None = Field(
         None, gt=0, description="Largest accepted median latency in ms; None = no limit."
     )
-    objective: Literal["size_bytes", "accuracy", "latency_ms_p50"] = Field(
-        "size_bytes", description="How the candidate is chosen among passing variants: smallest size_bytes, "
-        "highest accuracy or lowest latency_ms_p50."
+    objective: Literal["size_bytes", "coded_bytes", "accuracy", "latency_ms_p50"] = Field(
+        "size_bytes", description="How the candidate is chosen among passing variants: smallest size_bytes "
+        "(flatbuffer) or coded_bytes (entropy-coded), highest accuracy, or lowest latency_ms_p50."
     )
     promote: bool = Field(True, description="Register the candidate in the MLflow Model Registry and move production.")
 
@@ -252,6 +356,10 @@ class ModelSpec(_Strict):
     distill: dict[str, Any] = Field(description="Overrides of the distill: section ({} for none).")
     prune: dict[str, Any] = Field(description="Overrides of the prune: section ({} for none).")
     quantize: dict[str, Any] = Field(description="Overrides of the quantize: section ({} for none).")
+    cluster: dict[str, Any] = Field(default_factory=dict, description="Overrides of the cluster: section.")
+    qat: dict[str, Any] = Field(default_factory=dict, description="Overrides of the qat: section.")
+    recipes: list[str] | None = Field(None, description="Names of the fleet's recipes to run (None = all).")
+    search: dict[str, Any] = Field(default_factory=dict, description="Overrides of the search: section.")
     gate: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of the gate: section (optional: no stage reads it)."
     )
@@ -271,14 +379,37 @@ class ResolvedModel(_Strict):
     distill: DistillConfig
     prune: PruneConfig
     quantize: QuantizeConfig
+    cluster: ClusterConfig
+    qat: QatConfig
+    recipes: dict[str, RecipeSpec]
+    search: SearchConfig
     evaluate: EvaluateConfig
     gate: GateConfig
+
+    def step_config(self, recipe: str, index: int) -> tuple[str, Any]:
+        """``(step name, resolved config)`` of a recipe step: the model's section plus the step's overrides.
+
+        Raises:
+            ConfigError: an override names an unknown key or a bad value.
+        """
+        step = self.recipes[recipe].steps[index]
+        name, overrides = (step, {}) if isinstance(step, str) else next(iter(step.items()))
+        section = STEP_CONFIGS.get(name)
+        if section is None:
+            if overrides:
+                raise ConfigError(f"recipes.{recipe}.steps[{index}]: {name} takes no settings")
+            return name, self.quantize
+        base = getattr(self, section)
+        try:
+            return name, type(base).model_validate({**base.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc, prefix=f"recipes.{recipe}.steps[{index}].{name}")) from None
 
     def flat_params(self) -> dict[str, Any]:
         """Every resolved setting as a flat ``section.key -> value`` dict (for MLflow)."""
         out: dict[str, Any] = {"seed": self.seed, "dataset": self.dataset_name}
         for section in ("dataset", "split", "teacher_arch", "teacher", "student_arch",
-                        "distill", "prune", "quantize", "evaluate"):
+                        "distill", "prune", "quantize", "cluster", "qat", "evaluate"):
             for key, value in getattr(self, section).model_dump().items():
                 out[f"{section}.{key}"] = value
         return out
@@ -297,6 +428,13 @@ class FleetConfig(_Strict):
     distill: DistillConfig = DistillConfig()
     prune: PruneConfig = PruneConfig()
     quantize: QuantizeConfig = QuantizeConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    qat: QatConfig = QatConfig()
+    recipes: dict[str, RecipeSpec] = Field(
+        default_factory=lambda: {k: RecipeSpec.model_validate(v) for k, v in DEFAULT_RECIPES.items()},
+        description="Compression recipes by name; every model runs all of them unless it lists its own.",
+    )
+    search: SearchConfig = SearchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     datasets: dict[str, DatasetSpec] = Field(description="Datasets by name.")
@@ -314,7 +452,7 @@ class FleetConfig(_Strict):
             raise ValueError("the fleet is empty: list at least one model")
         return v
 
-    @field_validator("models", "datasets")
+    @field_validator("models", "datasets", "recipes")
     @classmethod
     def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
         for name in v:
@@ -348,8 +486,18 @@ class FleetConfig(_Strict):
             ),
             "prune": merged(PruneConfig, self.prune, spec.prune, "prune"),
             "quantize": merged(QuantizeConfig, self.quantize, spec.quantize, "quantize"),
+            "cluster": merged(ClusterConfig, self.cluster, spec.cluster, "cluster"),
+            "qat": merged(QatConfig, self.qat, spec.qat, "qat"),
+            "search": merged(SearchConfig, self.search, spec.search, "search"),
             "gate": merged(GateConfig, self.gate, spec.gate, "gate"),
         }
+        chosen = list(self.recipes) if spec.recipes is None else spec.recipes
+        unknown = [r for r in chosen if r not in self.recipes]
+        if unknown:
+            errors.append(f"models.{name}.recipes: {', '.join(unknown)} not in recipes: "
+                          f"(one of: {', '.join(self.recipes)})")
+        if not chosen and not (sections["search"] and sections["search"].enabled):
+            errors.append(f"models.{name}.recipes: empty, and search is off: the model would have no variant")
         if spec.dataset not in self.datasets:
             errors.append(
                 f"models.{name}.dataset: {spec.dataset!r} is not in datasets: (one of: {', '.join(self.datasets)})"
@@ -365,12 +513,27 @@ class FleetConfig(_Strict):
             teacher_arch=spec.teacher,
             student_arch=spec.student,
             evaluate=self.evaluate,
+            recipes={r: self.recipes[r] for r in chosen},
             **sections,
         )
 
     def datasets_in_use(self, models: list[str] | None = None) -> list[str]:
         names = models or self.model_names()
         return sorted({self.models[m].dataset for m in names})
+
+
+def select_models(fleet_models: list[str], wanted: list[str] | None) -> list[str]:
+    """The fleet members to run, in fleet order.
+
+    Raises:
+        ConfigError: ``wanted`` names a model that is not in the fleet.
+    """
+    if not wanted:
+        return fleet_models
+    unknown = [m for m in wanted if m not in fleet_models]
+    if unknown:
+        raise ConfigError(f"--models: {', '.join(unknown)} not in the fleet (one of: {', '.join(fleet_models)})")
+    return [m for m in fleet_models if m in wanted]
 
 
 def _train_overrides(arch: MlpArch | CnnArch) -> dict[str, Any]:
@@ -433,6 +596,12 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> FleetConfi
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source=source)) from None
     problems = []
+    for name, ds in fleet.datasets.items():
+        image = ds.source in ("mnist", "cifar10") or getattr(ds, "name", "") == "digits" or getattr(
+            ds, "kind", "") == "image"
+        if image and ds.features != FeatureConfig():
+            problems.append(f"datasets.{name}.features: feature selection/extraction applies to tabular data; "
+                            f"{name} holds images")
     for name in fleet.models:
         try:
             fleet.resolve(name)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from shrinkfleet.config import DatasetSpec, SplitConfig, resolve_path
+from shrinkfleet.config import DatasetSpec, FeatureConfig, SplitConfig, resolve_path
 from shrinkfleet.storage import atomic_dir
 
 SPLITS = ("train", "val", "test")
@@ -304,12 +304,69 @@ def _stratified(y: np.ndarray, size: int | float, seed: int) -> tuple[np.ndarray
     return np.sort(kept), np.sort(held)
 
 
+def fit_tabular(x: np.ndarray, y: np.ndarray, features: FeatureConfig, seed: int) -> dict[str, Any]:
+    """Fit the tabular transform on the train split: variance threshold, standardise, top-k MI, PCA.
+
+    Returns the fitted transform as plain JSON-able data (kept column indices, means, standard
+    deviations, PCA components), which :func:`apply_tabular` and the served model both apply.
+
+    Raises:
+        DatasetError: a step would keep no feature, or asks for more than there are.
+    """
+    n_features = x.shape[1]
+    keep = np.arange(n_features)
+    if features.variance_threshold is not None:
+        keep = np.flatnonzero(x.var(axis=0) > features.variance_threshold)
+        if not len(keep):
+            raise DatasetError(f"features.variance_threshold {features.variance_threshold} drops all "
+                               f"{n_features} features (largest train variance {x.var(axis=0).max():.4g})")
+    z = x[:, keep]
+    mean, std = z.mean(axis=0), z.std(axis=0)
+    std[std == 0] = 1.0
+    z = (z - mean) / std
+    norm: dict[str, Any] = {"method": "standardize", "columns": keep.tolist(), "mean": mean.tolist(),
+                            "std": std.tolist()}
+    if features.select_k is not None:
+        if features.select_k > z.shape[1]:
+            raise DatasetError(f"features.select_k {features.select_k} is more than the {z.shape[1]} features left")
+        from sklearn.feature_selection import mutual_info_classif
+
+        mi = mutual_info_classif(z, y, random_state=seed)
+        top = np.sort(np.argsort(-mi, kind="stable")[: features.select_k])
+        norm["select"] = top.tolist()
+        norm["mutual_information"] = mi[top].tolist()
+        z = z[:, top]
+    if features.pca is not None:
+        if features.pca > min(z.shape):
+            raise DatasetError(f"features.pca {features.pca} is more than min(samples, features) = {min(z.shape)}")
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=features.pca, random_state=seed).fit(z)
+        norm["pca"] = {"mean": pca.mean_.tolist(), "components": pca.components_.tolist(),
+                       "explained_variance_ratio": pca.explained_variance_ratio_.tolist()}
+    return norm
+
+
+def apply_tabular(x: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
+    """Apply a transform fitted by :func:`fit_tabular` to rows of raw features."""
+    z = x.astype(np.float64)
+    if "columns" in norm:
+        z = z[:, norm["columns"]]
+    z = (z - np.asarray(norm["mean"])) / np.asarray(norm["std"])
+    if "select" in norm:
+        z = z[:, norm["select"]]
+    if "pca" in norm:
+        z = (z - np.asarray(norm["pca"]["mean"])) @ np.asarray(norm["pca"]["components"]).T
+    return z.astype(np.float32)
+
+
 def prepare(raw: RawData, split: SplitConfig, seed: int, limit: int | None = None,
-            limit_test: int | None = None) -> Prepared:
+            limit_test: int | None = None, features: FeatureConfig | None = None) -> Prepared:
     """Split (seeded, stratified), subsample and normalise a loaded dataset.
 
-    Normalisation statistics come from the train split only. Images are scaled to
-    [0, 1]; tabular features are standardised (zero mean, unit variance per feature).
+    Every statistic comes from the train split only. Images are scaled to [0, 1]; tabular
+    features go through :func:`fit_tabular` (standardised, plus the optional feature
+    selection/extraction of ``features``).
     """
     x, y = raw.x, raw.y.astype(np.int64)
     if raw.x_test is None:
@@ -335,15 +392,10 @@ def prepare(raw: RawData, split: SplitConfig, seed: int, limit: int | None = Non
         def transform(a: np.ndarray) -> np.ndarray:
             return (a.astype(np.float32) / np.float32(scale)).astype(np.float32)
     else:
-        x_tr2 = x_tr.reshape(len(x_tr), -1).astype(np.float64)
-        mean = x_tr2.mean(axis=0)
-        std = x_tr2.std(axis=0)
-        std[std == 0] = 1.0
-        norm = {"method": "standardize", "mean": mean.tolist(), "std": std.tolist()}
+        norm = fit_tabular(x_tr.reshape(len(x_tr), -1).astype(np.float64), y_tr, features or FeatureConfig(), seed)
 
         def transform(a: np.ndarray) -> np.ndarray:
-            shape = a.shape
-            return ((a.reshape(len(a), -1) - mean) / std).reshape(shape).astype(np.float32)
+            return apply_tabular(a.reshape(len(a), -1), norm)
 
     n_classes = int(max(y_tr.max(), y_val.max(), y_test.max())) + 1
     prepared = Prepared(
@@ -355,6 +407,7 @@ def prepare(raw: RawData, split: SplitConfig, seed: int, limit: int | None = Non
     prepared.meta = {
         "kind": raw.kind,
         "input_shape": list(prepared.train.x.shape[1:]),
+        "raw_input_shape": list(raw.x.shape[1:]),
         "num_classes": n_classes,
         "class_names": raw.class_names or [str(i) for i in range(n_classes)],
         "normalization": norm,

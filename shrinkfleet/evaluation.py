@@ -20,6 +20,7 @@ import numpy as np
 from shrinkfleet.tfenv import keras, quiet_native_stderr, tf
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV")
+
 PRUNABLE = (keras.layers.Dense, keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Conv1D)
 
 

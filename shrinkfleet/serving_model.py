@@ -41,12 +41,19 @@ class TFLiteClassifier(mlflow.pyfunc.PythonModel):
         self.batch = int(self.input["shape"][0])
 
     def _normalise(self, x: np.ndarray) -> np.ndarray:
+        # The same steps, in the same order, as shrinkfleet.datasets.apply_tabular.
         norm = self.meta["normalization"]
         if norm["method"] == "scale":
             return x / np.float32(norm["scale"])
-        mean = np.asarray(norm["mean"], dtype=np.float64)
-        std = np.asarray(norm["std"], dtype=np.float64)
-        return (x.reshape(len(x), -1) - mean) / std
+        z = x.reshape(len(x), -1)
+        if "columns" in norm:
+            z = z[:, norm["columns"]]
+        z = (z - np.asarray(norm["mean"], dtype=np.float64)) / np.asarray(norm["std"], dtype=np.float64)
+        if "select" in norm:
+            z = z[:, norm["select"]]
+        if "pca" in norm:
+            z = (z - np.asarray(norm["pca"]["mean"])) @ np.asarray(norm["pca"]["components"]).T
+        return z
 
     def predict(self, context, model_input, params=None):
         if isinstance(model_input, dict):  # a named tensor input: {name: array}

@@ -28,6 +28,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from shrinkfleet.config import ResolvedModel
+from shrinkfleet.metrics import METRICS
 
 log = logging.getLogger(__name__)
 # MLflow's store announces schema creation/migration at INFO on every new database.
@@ -35,16 +36,13 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 TAG = "shrinkfleet"
-METRICS = (
-    "accuracy", "accuracy_drop", "size_bytes", "gzip_bytes", "compression_ratio",
-    "sparsity", "params", "latency_ms_p50", "latency_ms_p95",
-)
-# Which resolved sections belong to a variant's recipe, by the technique that made it.
+# Which resolved sections belong to a variant's recipe, by the technique that made it; a
+# .tflite variant adds the exact settings of its own recipe steps (step.<i>.<name>.<key>).
 _CHAIN_SECTIONS = {
     "teacher": ("dataset", "split", "teacher_arch", "teacher"),
     "student": ("student_arch", "distill"),
     "pruned": ("prune",),
-    "quantize": ("quantize",),
+    "tflite": ("quantize",),
 }
 
 
@@ -159,7 +157,7 @@ def log_model(
         for variant, v in doc["variants"].items():
             sections: tuple[str, ...] = ()
             for step in _chain(variant, doc):
-                key = step if step in _CHAIN_SECTIONS else "quantize"
+                key = step if step in _CHAIN_SECTIONS else "tflite"
                 sections += _CHAIN_SECTIONS[key]
             artifact = root / v["path"]
             tags = {
@@ -178,7 +176,10 @@ def log_model(
             if gate_verdicts and variant in gate_verdicts:
                 tags[f"{TAG}.gate"] = gate_verdicts[variant][:4000]
             with mlflow.start_run(run_name=f"{cfg.name}/{variant}", nested=True, tags=tags) as vrun:
-                mlflow.log_params({"variant": variant, "recipe": v["recipe"], **_params_for(cfg, sections)})
+                steps = {f"step.{k}.{key}": val for k, conf in (v.get("settings") or {}).items()
+                         for key, val in conf.items()}
+                mlflow.log_params({"variant": variant, "recipe": v["recipe"][:6000], **_params_for(cfg, sections),
+                                   **steps})
                 mlflow.log_metrics({m: float(v[m]) for m in METRICS})
                 mlflow.log_input(dataset, context="evaluation")
                 if artifact.is_file():
@@ -199,7 +200,7 @@ def log_pyfunc(tflite: Path, meta_path: Path) -> str:
     from mlflow.types.schema import Schema, TensorSpec
 
     meta = json.loads(meta_path.read_text())
-    n_in = int(np.prod(meta["input_shape"]))
+    n_in = int(np.prod(meta.get("raw_input_shape", meta["input_shape"])))  # raw features, before selection
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_in))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(meta["num_classes"])))]),

@@ -51,6 +51,39 @@ def _repo(root: Path) -> Iterator[Any]:
             repo.close()
 
 
+def missing_params(root: Path, raw: dict[str, Any]) -> list[str]:
+    """Parameter keys dvc.yaml's stages read that params.yaml lacks (DVC refuses to run them).
+
+    The schema fills absent sections with defaults, but DVC tracks the keys themselves, so a
+    section a stage lists must be written out (``search: {}`` takes the defaults).
+    """
+    import re
+
+    import yaml
+
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return []
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    missing: dict[str, None] = {}
+    for stage in stages.values():
+        body = stage.get("do", stage)
+        source = re.fullmatch(r"\$\{(\w+)\}", str(stage.get("foreach", "")))
+        keys = list((raw.get(source.group(1)) or {}).keys()) if source else [None]
+        for key in keys:
+            for param in body.get("params", []):
+                if not isinstance(param, str):
+                    continue
+                path = param.replace("${key}", str(key)) if key is not None else param
+                node: Any = raw
+                for part in path.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        missing[path] = None
+                        break
+                    node = node[part]
+    return list(missing)
+
+
 def stage_status(root: Path, stage: str) -> dict[str, Any]:
     """DVC's status of one stage: ``{}`` when it is up to date, else what changed."""
     with _repo(root) as repo:

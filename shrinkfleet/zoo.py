@@ -36,7 +36,13 @@ def build(arch: MlpArch | CnnArch, input_shape: Sequence[int], num_classes: int,
         side = min(input_shape[0], input_shape[1])
         x = inputs
         for i, filters in enumerate(arch.filters):
-            x = keras.layers.Conv2D(filters, arch.kernel_size, padding="same", activation="relu", name=f"conv_{i}")(x)
+            x = keras.layers.Conv2D(filters, arch.kernel_size, padding=arch.padding, activation="relu",
+                                    name=f"conv_{i}")(x)
+            if arch.padding == "valid":
+                side -= arch.kernel_size - 1
+                if side < 1:
+                    raise ValueError(f"cnn: {len(arch.filters)} valid-padded {arch.kernel_size}x{arch.kernel_size} "
+                                     f"convs shrink {tuple(input_shape[:2])} inputs to nothing; use padding: same")
             if side >= 2:
                 x = keras.layers.MaxPooling2D(2, name=f"pool_{i}")(x)
                 side //= 2

@@ -17,19 +17,18 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from shrinkfleet import coding, zoo
 from shrinkfleet import evaluation as ev
-from shrinkfleet import zoo
 from shrinkfleet.config import ResolvedModel
 from shrinkfleet.datasets import Prepared, load_prepared
+from shrinkfleet.metrics import METRICS, pareto_front
 from shrinkfleet.storage import atomic_write_text
 from shrinkfleet.tfenv import keras, reset
 from shrinkfleet.workspace import KERAS_VARIANTS
 from tasks.common import StageContext, execute
 
-METRIC_NAMES = (
-    "accuracy", "accuracy_drop", "size_bytes", "gzip_bytes", "compression_ratio",
-    "sparsity", "params", "latency_ms_p50", "latency_ms_p95",
-)
+METRIC_NAMES = METRICS
+CODED = ("coded_bytes", "huffman_bytes", "range_bytes", "zlib_bytes", "zstd_bytes", "bits_per_nonzero")
 KERAS_PARENTS = {"teacher": None, "student": "teacher", "pruned": "student"}
 
 
@@ -48,7 +47,9 @@ def measure_keras(model: keras.Model, data: Prepared, runs: int, warmup: int) ->
     content = ev.to_tflite(model, "float32")
     call = ev.keras_caller(model)
     lat = ev.latency(call, data.test.x, runs, warmup)
+    coded = coding.measure(content)
     return {
+        **{k: coded[k] for k in CODED},
         "runtime": "tf.function",
         "accuracy": ev.accuracy_of(lambda x: model.predict(x, batch_size=512, verbose=0), data.test.x, data.test.y),
         "size_bytes": len(content),
@@ -60,12 +61,23 @@ def measure_keras(model: keras.Model, data: Prepared, runs: int, warmup: int) ->
     }
 
 
-def measure_tflite(path: Path, data: Prepared, runs: int, warmup: int) -> dict[str, float]:
-    """Metrics of a ``.tflite`` variant, run through LiteRT."""
+def measure_tflite(path: Path, data: Prepared, runs: int, warmup: int, coded: Path | None = None) -> dict[str, float]:
+    """Metrics of a ``.tflite`` variant, run through LiteRT.
+
+    Raises:
+        RuntimeError: the coded blob does not decode to the exact flatbuffer.
+    """
     model = ev.TFLiteModel.from_path(path)
+    sizes = coding.measure(model.content)
+    if coded is not None:
+        blob = coded.read_bytes()
+        if coding.decode(blob) != model.content:
+            raise RuntimeError(f"{coded}: does not decode to {path.name} byte for byte")
+        sizes["coded_bytes"] = len(blob)
     acc = ev.accuracy_of(model.predict, data.test.x, data.test.y)
     lat = ev.latency(model, data.test.x, runs, warmup)
     return {
+        **{k: sizes[k] for k in CODED},
         "runtime": model.runtime,
         "accuracy": acc,
         "size_bytes": len(model.content),
@@ -93,20 +105,27 @@ def evaluate(ctx: StageContext, model_name: str) -> dict[str, Any]:
     manifest = json.loads((vdir / "manifest.json").read_text())
     for name, entry in manifest.items():
         parent = variants[entry["parent"]]
-        m = measure_tflite(vdir / entry["file"], data, runs, warmup)
+        coded = vdir / entry["coded"] if entry.get("coded") else None
+        m = measure_tflite(vdir / entry["file"], data, runs, warmup, coded)
         variants[name] = {"format": "tflite", "path": _rel(vdir / entry["file"], ctx), "parent": entry["parent"],
-                          "recipe": f"{parent['recipe']} > {entry['mode']}", "params": parent["params"], **m}
-    teacher = variants["teacher"]
+                          "recipe": " > ".join([parent["recipe"], *entry["steps"]]), "params": parent["params"],
+                          "search": entry.get("search"), "settings": entry.get("settings", {}), **m}
+    teacher, student = variants["teacher"], variants["student"]
     for v in variants.values():
         v["accuracy_drop"] = teacher["accuracy"] - v["accuracy"]
         v["compression_ratio"] = teacher["size_bytes"] / v["size_bytes"]
+        v["coded_ratio"] = teacher["size_bytes"] / v["coded_bytes"]
+        v["student_ratio"] = student["size_bytes"] / v["coded_bytes"]
+    front = pareto_front({n: (v["accuracy"], v["coded_bytes"]) for n, v in variants.items()})
     return {
         "model": model_name,
         "dataset": cfg.dataset_name,
         "dataset_digest": data.meta["digest"],
         "test_samples": len(data.test),
         "teacher_bytes": teacher["size_bytes"],
-        "variants": {name: {k: v[k] for k in ("format", "path", "parent", "recipe", "runtime", *METRIC_NAMES)}
+        "pareto_front": front,
+        "variants": {name: {**{k: v[k] for k in ("format", "path", "parent", "recipe", "runtime", *METRIC_NAMES)},
+                            "pareto": name in front, "search": v.get("search"), "settings": v.get("settings", {})}
                      for name, v in variants.items()},
     }
 

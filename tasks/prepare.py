@@ -7,7 +7,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from shrinkfleet.datasets import load_raw, prepare, save_prepared
+from shrinkfleet.config import FeatureConfig
+from shrinkfleet.datasets import DatasetError, load_raw, prepare, save_prepared
 from tasks.common import StageContext, execute
 
 
@@ -15,7 +16,11 @@ def run(ctx: StageContext, dataset: str) -> dict[str, Any]:
     """Prepare one dataset of the fleet (the function ``dvc repro`` and Prefect both call)."""
     spec = ctx.fleet.datasets[dataset]
     raw = load_raw(spec, ctx.base_dir)
-    prepared = prepare(raw, ctx.fleet.data, ctx.fleet.seed, limit=spec.limit, limit_test=spec.limit_test)
+    if raw.kind == "image" and spec.features != FeatureConfig():
+        raise DatasetError(f"datasets.{dataset}.features: feature selection applies to tabular data; "
+                           f"{dataset} holds images")
+    prepared = prepare(raw, ctx.fleet.data, ctx.fleet.seed, limit=spec.limit, limit_test=spec.limit_test,
+                       features=spec.features)
     save_prepared(prepared, ctx.ws.prepared(dataset))
     return {"digest": prepared.meta["digest"], "samples": prepared.meta["samples"]}
 

@@ -18,6 +18,7 @@ from shrinkfleet import training, zoo
 from shrinkfleet.config import PruneConfig
 from shrinkfleet.datasets import Prepared, load_prepared
 from shrinkfleet.evaluation import kernel_sparsity
+from shrinkfleet.techniques import positive_zeros
 from shrinkfleet.tfenv import configure_devices, keras, reset, tfmot
 from tasks.common import StageContext, execute
 
@@ -50,18 +51,31 @@ def prune(model: keras.Model, cfg: PruneConfig, data: Prepared, seed: int) -> ke
     reset(seed)
     base = zoo.clone(model)
     end, frequency, _ = schedule_steps(len(data.train), cfg)
-    schedule = sparsity.PolynomialDecay(
-        initial_sparsity=cfg.initial_sparsity, final_sparsity=cfg.target_sparsity,
-        begin_step=0, end_step=end, power=cfg.power, frequency=frequency,
-    )
-    wrapped = sparsity.prune_low_magnitude(base, pruning_schedule=schedule)
+    if cfg.pattern == "2:4":
+        # Two zeros in every four consecutive weights (along the input dimension): the
+        # structure sparse tensor cores accelerate. The target sparsity is 0.5 by definition.
+        wrapped = sparsity.prune_low_magnitude(
+            base, pruning_schedule=sparsity.ConstantSparsity(0.5, begin_step=0, frequency=frequency),
+            sparsity_m_by_n=(2, 4))
+    else:
+        schedule = sparsity.PolynomialDecay(
+            initial_sparsity=cfg.initial_sparsity, final_sparsity=cfg.target_sparsity,
+            begin_step=0, end_step=end, power=cfg.power, frequency=frequency,
+        )
+        wrapped = sparsity.prune_low_magnitude(base, pruning_schedule=schedule)
     training.fit(
         wrapped, data.train.x, data.train.y, (data.val.x, data.val.y),
         loss=training.sparse_ce(), metrics=["accuracy"], epochs=cfg.epochs, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, patience=0, seed=seed, callbacks=[sparsity.UpdatePruningStep()],
     )
     stripped = sparsity.strip_pruning(wrapped)
-    return zoo.clone(stripped)  # a plain functional model, free of the wrapper's training graph
+    # A plain functional model, free of the wrapper's training graph, with -0.0 made +0.0.
+    return positive_zeros(zoo.clone(stripped))
+
+
+def expected_sparsity(cfg: PruneConfig) -> float:
+    """The kernel sparsity ``prune`` reaches with ``cfg``."""
+    return 0.5 if cfg.pattern == "2:4" else cfg.target_sparsity
 
 
 def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
@@ -72,10 +86,9 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
     student = zoo.load(ctx.ws.keras(model_name, "student"))
     pruned = prune(student, cfg.prune, data, cfg.seed)
     reached = kernel_sparsity(pruned)
-    if not np.isclose(reached, cfg.prune.target_sparsity, atol=0.02):
-        raise RuntimeError(
-            f"prune: reached sparsity {reached:.3f}, target {cfg.prune.target_sparsity}; check prune.frequency"
-        )
+    target = expected_sparsity(cfg.prune)
+    if not np.isclose(reached, target, atol=0.02):
+        raise RuntimeError(f"prune: reached sparsity {reached:.3f}, target {target}; check prune.frequency")
     zoo.save(pruned, ctx.ws.keras(model_name, "pruned"))
     return {"sparsity": reached, "val_accuracy": training.accuracy(pruned, data.val.x, data.val.y)}
 

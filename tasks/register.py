@@ -16,7 +16,7 @@ from shrinkfleet.config import ResolvedModel
 from shrinkfleet.storage import file_md5
 from shrinkfleet.workspace import Workspace
 
-MODEL_STAGES = ("teacher", "distill", "prune", "quantize", "evaluate")
+MODEL_STAGES = ("teacher", "distill", "prune", "compress", "evaluate")
 
 
 def dvc_outs(ws: Workspace, cfg: ResolvedModel, use_dvc: bool) -> dict[str, str]:

@@ -30,7 +30,16 @@ TINY_PARAMS: dict = {
                 "patience": 0},
     "prune": {"target_sparsity": 0.5, "initial_sparsity": 0.0, "epochs": 2, "batch_size": 64,
               "learning_rate": 0.001, "frequency": 5, "power": 3.0, "end_fraction": 0.75},
-    "quantize": {"modes": ["float32", "float16", "dynamic", "int8"], "representative_samples": 50},
+    "quantize": {"representative_samples": 50},
+    "cluster": {"clusters": 8, "epochs": 1},
+    "qat": {"epochs": 1},
+    "recipes": {
+        "pruned-float32": {"steps": ["float32"]},
+        "pruned-int8": {"steps": ["int8"]},
+        "pruned-clustered": {"steps": ["cluster", "float32"]},
+        "pruned-pcqat": {"steps": ["cluster", "pcqat", "int8"]},
+    },
+    "search": {"enabled": False},
     "evaluate": {"latency_runs": 5, "latency_warmup": 1},
     "datasets": {
         "digits": {"source": "sklearn", "name": "digits"},

@@ -72,3 +72,29 @@ def test_unknown_stage_and_target(tmp_path, tiny_params):
 def test_report_without_metrics_says_what_to_do(tmp_path, tiny_params):
     result = runner.invoke(app, ["report", "--root", str(_write(tmp_path, tiny_params))])
     assert result.exit_code == 1 and "run `shrinkfleet run` first" in result.output
+
+
+def test_a_section_dvc_tracks_must_be_written_out(project, tiny_params):
+    del tiny_params["search"]
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
+    result = runner.invoke(app, ["run", "--root", str(project)])
+    assert result.exit_code == 2
+    assert "search: missing from params.yaml, and DVC tracks it; write it out (`search: {}`" in result.output
+
+
+def test_decode_restores_the_flatbuffer_and_refuses_garbage(tmp_path):
+    from shrinkfleet import coding
+    from shrinkfleet.evaluation import to_tflite
+    from shrinkfleet.tfenv import keras
+
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    content = to_tflite(model, "float32")
+    (tmp_path / "m.sfc").write_bytes(coding.encode(content))
+    result = runner.invoke(app, ["decode", str(tmp_path / "m.sfc"), "-o", str(tmp_path / "m.tflite")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.tflite").read_bytes() == content
+    (tmp_path / "bad.sfc").write_bytes(b"garbage!")
+    result = runner.invoke(app, ["decode", str(tmp_path / "bad.sfc"), "-o", str(tmp_path / "x.tflite")])
+    assert result.exit_code == 2 and "not a shrinkfleet coded model" in result.output
+    assert not (tmp_path / "x.tflite").exists()

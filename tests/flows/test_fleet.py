@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import make_project, shrinkfleet_cmd
 
 METRICS = ("accuracy", "accuracy_drop", "size_bytes", "gzip_bytes", "compression_ratio", "sparsity", "params",
-           "latency_ms_p50")
-VARIANTS = {"teacher", "student", "pruned", "pruned-float32", "pruned-float16", "pruned-dynamic", "pruned-int8"}
+           "latency_ms_p50", "coded_bytes", "coded_ratio", "bits_per_nonzero")
+VARIANTS = {"teacher", "student", "pruned", "pruned-float32", "pruned-int8", "pruned-clustered", "pruned-pcqat"}
 
 pytestmark = pytest.mark.slow
 
@@ -80,14 +80,18 @@ def test_fleet_runs_tracks_records_and_reruns_nothing(project):
         assert int8["compression_ratio"] == pytest.approx(teacher["size_bytes"] / int8["size_bytes"])
         assert by_name["pruned"].data.metrics["sparsity"] == pytest.approx(
             0.5 if model == "digits-mlp" else 0.4, abs=0.01)
-        assert by_name["pruned-int8"].data.params["quantize.modes"]
+        assert by_name["pruned-int8"].data.params["quantize.representative_samples"]
+        assert by_name["pruned-clustered"].data.params["step.0.cluster.clusters"] == "8"
 
     # metrics file, report and DVC agree
     doc = json.loads((project / "metrics" / "digits-mlp.json").read_text())
     assert set(doc["variants"]) == VARIANTS and doc["dataset_digest"].startswith("sha256:")
     rows = [line.split("|")[1:3] for line in (project / "reports" / "fleet.md").read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| model ")]
-    assert sorted((m.strip(), v.strip()) for m, v in rows) == sorted(
+    report_text = (project / "reports" / "fleet.md").read_text()
+    assert "## Pareto fronts (accuracy vs coded bytes)" in report_text
+    assert doc["pareto_front"] and all(doc["variants"][n]["pareto"] for n in doc["pareto_front"])
+    assert sorted((m.strip(), v.strip().removesuffix(" *")) for m, v in rows) == sorted(
         (m, v) for m in ("digits-mlp", "cancer-mlp") for v in VARIANTS)
     assert (project / "reports" / "digits-mlp-pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _dvc_status(project) == {}
@@ -108,7 +112,7 @@ def test_fleet_runs_tracks_records_and_reruns_nothing(project):
     assert third.returncode == 0, third.stdout + third.stderr
     latest = _runs(project, "fleet")[0]
     assert _stages_ran(project, latest.info.run_id) == {
-        "digits-mlp": set(), "cancer-mlp": {"prune", "quantize", "evaluate"}}
+        "digits-mlp": set(), "cancer-mlp": {"prune", "compress", "evaluate"}}
     doc = json.loads((project / "metrics" / "cancer-mlp.json").read_text())
     assert doc["variants"]["pruned"]["sparsity"] == pytest.approx(0.6, abs=0.01)
     assert _dvc_status(project) == {}

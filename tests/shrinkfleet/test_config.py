@@ -29,7 +29,7 @@ def test_every_key_of_the_shipped_params_is_commented():
             continue
         if line == line.lstrip():
             section = line.split(":", 1)[0]
-        elif section in ("models", "datasets"):
+        elif section in ("models", "datasets", "recipes"):
             continue  # documented on the first entry; the rest repeat the same keys
         assert "#" in line, f"params.yaml:{i}: key without a comment: {line!r}"
 
@@ -70,8 +70,18 @@ _DELETE = object()
         ("distill.temperature", 0, "distill.temperature: must be greater than 0"),
         ("distill.alpha", 1.5, "distill.alpha: must be less than or equal to 1"),
         ("teacher.epochs", "many", "teacher.epochs: must be a valid integer"),
-        ("quantize.modes", ["int4"], "quantize.modes.0: must be one of: 'float32', 'float16', 'dynamic' or 'int8'"),
-        ("quantize.modes", ["int8", "int8"], "quantize.modes: lists a mode twice"),
+        ("quantize.modes", ["int8"], "quantize.modes: unknown key"),
+        ("recipes", {"r": {"steps": ["cluster"]}}, "recipes.r.steps: the last step must be a conversion"),
+        ("recipes", {"r": {"steps": ["int4"]}}, "recipes.r.steps: unknown step 'int4'"),
+        ("recipes", {"r": {"steps": ["pcqat", "int8"]}}, "pcqat preserves clusters: put a cluster step before it"),
+        ("recipes", {"r": {"steps": ["qat", "float16"]}}, "qat trains for int8: the recipe must end with int8"),
+        ("recipes", {"r": {"from": "nowhere", "steps": ["int8"]}}, "recipes.r.from: must be one of"),
+        ("cluster.clusters", 1, "cluster.clusters: must be greater than or equal to 2"),
+        ("prune.pattern", "3:4", "prune.pattern: must be one of: 'unstructured' or '2:4'"),
+        ("models.digits-mlp.recipes", ["ghost"], "models.digits-mlp.recipes: ghost not in recipes:"),
+        ("datasets.digits.features", {"select_k": 4}, "datasets.digits.features: feature selection/extraction "
+         "applies to tabular data"),
+        ("datasets.cancer.features", {"pca": 0}, "datasets.cancer.features.pca: must be greater than or equal to 1"),
         ("models.digits-mlp.teacher.arch", "rnn", "models.digits-mlp.teacher.arch: 'rnn' is not one of: 'mlp', 'cnn'"),
         ("datasets.digits.source", "hub", "datasets.digits.source: 'hub' is not one of"),
         ("datasets.digits.name", "mnist", "datasets.digits.name: must be one of: 'digits'"),
@@ -124,3 +134,21 @@ def test_yaml_is_loaded_safely(tmp_path, tiny_params):
     p.write_text("fleet: !!python/object/apply:os.system ['echo pwned']\n" + yaml.safe_dump(tiny_params))
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(p)
+
+
+def test_recipe_step_overrides_resolve_and_are_checked(tiny_params):
+    tiny_params["recipes"] = {"dc": {"steps": [{"cluster": {"clusters": 4}}, "float32"]},
+                              "bad": {"steps": [{"cluster": {"clusterz": 4}}, "float32"]}}
+    fleet = parse_params(tiny_params)
+    cfg = fleet.resolve("digits-mlp")
+    name, step = cfg.step_config("dc", 0)
+    assert name == "cluster" and step.clusters == 4 and step.epochs == tiny_params["cluster"]["epochs"]
+    with pytest.raises(ConfigError, match=r"recipes.bad.steps\[0\].cluster.clusterz: unknown key"):
+        cfg.step_config("bad", 0)
+
+
+def test_a_model_may_pick_its_recipes(tiny_params):
+    tiny_params["models"]["cancer-mlp"]["recipes"] = ["pruned-int8"]
+    fleet = parse_params(tiny_params)
+    assert list(fleet.resolve("cancer-mlp").recipes) == ["pruned-int8"]
+    assert len(fleet.resolve("digits-mlp").recipes) == len(fleet.recipes)

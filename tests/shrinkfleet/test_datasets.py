@@ -241,3 +241,47 @@ def test_save_and_load_roundtrip_is_byte_stable(tmp_path):
 def test_load_prepared_names_the_missing_stage(tmp_path):
     with pytest.raises(DatasetError, match="run the prepare stage first"):
         load_prepared(tmp_path / "nothing")
+
+
+def test_feature_selection_keeps_exactly_k_fitted_on_train_only():
+    from shrinkfleet.config import FeatureConfig
+    from shrinkfleet.datasets import apply_tabular
+
+    raw = load_sklearn("breast_cancer")
+    p = prepare(raw, SplitConfig(), seed=0, features=FeatureConfig(select_k=5))
+    assert p.train.x.shape[1] == p.val.x.shape[1] == p.test.x.shape[1] == 5
+    assert p.meta["input_shape"] == [5] and p.meta["raw_input_shape"] == [30]
+    norm = p.meta["normalization"]
+    # fitted on train only: the train split is exactly standardised, the test split is not
+    np.testing.assert_allclose(p.train.x.mean(axis=0), 0, atol=1e-5)
+    assert np.abs(p.test.x.mean(axis=0)).max() > 1e-3
+    # re-applying the stored transform to raw rows reproduces the prepared features
+    idx = np.flatnonzero(np.isin(raw.y, [0, 1]))[:3]
+    again = apply_tabular(raw.x[idx], norm)
+    assert again.shape == (3, 5)
+    # selection depends on the train split's labels: shuffled labels pick (almost surely) other columns
+    rng = np.random.default_rng(0)
+    shuffled = prepare(RawData(x=raw.x, y=rng.permutation(raw.y), kind="tabular"), SplitConfig(), seed=0,
+                       features=FeatureConfig(select_k=5))
+    assert shuffled.meta["normalization"]["select"] != norm["select"]
+
+
+def test_variance_threshold_and_pca():
+    from shrinkfleet.config import FeatureConfig
+
+    raw = load_sklearn("wine")
+    raw.x[:, 3] = 1.0  # a constant column
+    p = prepare(raw, SplitConfig(), seed=0, features=FeatureConfig(variance_threshold=0.0, pca=4))
+    assert 3 not in p.meta["normalization"]["columns"]
+    assert p.train.x.shape[1] == 4
+    ratios = p.meta["normalization"]["pca"]["explained_variance_ratio"]
+    assert ratios == sorted(ratios, reverse=True) and sum(ratios) < 1
+
+
+def test_feature_settings_that_keep_nothing_are_errors():
+    from shrinkfleet.config import FeatureConfig
+
+    with pytest.raises(DatasetError, match="variance_threshold 1000000000.0 drops all 30 features"):
+        prepare(load_sklearn("breast_cancer"), SplitConfig(), seed=0, features=FeatureConfig(variance_threshold=1e9))
+    with pytest.raises(DatasetError, match="select_k 40 is more than the 30 features left"):
+        prepare(load_sklearn("breast_cancer"), SplitConfig(), seed=0, features=FeatureConfig(select_k=40))

@@ -17,10 +17,15 @@ def wide(digits):
     return model
 
 
-def test_int8_is_3x_smaller_and_within_2_points(wide, digits):
-    from tasks.quantize import quantize
+def _convert(model, digits, modes):
+    from tasks.compress import representative_samples
 
-    out = quantize(wide, QuantizeConfig(modes=["float32", "int8"]), digits, seed=0)
+    rep = representative_samples(digits, QuantizeConfig().representative_samples, seed=0)
+    return {mode: ev.to_tflite(model, mode, rep) for mode in modes}
+
+
+def test_int8_is_3x_smaller_and_within_2_points(wide, digits):
+    out = _convert(wide, digits, ["float32", "int8"])
     assert len(out["float32"]) / len(out["int8"]) >= 3.0
     float_acc = ev.accuracy_of(ev.TFLiteModel(out["float32"]).predict, digits.test.x, digits.test.y)
     int8_acc = ev.accuracy_of(ev.TFLiteModel(out["int8"]).predict, digits.test.x, digits.test.y)
@@ -30,9 +35,7 @@ def test_int8_is_3x_smaller_and_within_2_points(wide, digits):
 
 
 def test_every_mode_converts_and_sizes_are_ordered(wide, digits):
-    from tasks.quantize import quantize
-
-    out = quantize(wide, QuantizeConfig(), digits, seed=0)
+    out = _convert(wide, digits, ["float32", "float16", "dynamic", "int8"])
     assert set(out) == {"float32", "float16", "dynamic", "int8"}
     assert len(out["float32"]) > len(out["float16"]) > len(out["dynamic"])
     model = ev.TFLiteModel(out["int8"])

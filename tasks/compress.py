@@ -1,0 +1,160 @@
+"""compress: run every recipe of a model (and the optional search), write each variant.
+
+A recipe starts from the teacher, the student or the pruned student and applies techniques
+in order (``prune``, ``cluster``, ``qat``/``pqat``/``cqat``/``pcqat``), ending in one TFLite
+conversion (``float32``, ``float16``, ``dynamic``, ``int8``). Every variant is written as
+``models/<model>/variants/<name>.tflite`` plus its entropy-coded ``<name>.sfc`` (see
+:mod:`shrinkfleet.coding`), and ``manifest.json`` says how each one was made.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from shrinkfleet import coding, training, zoo
+from shrinkfleet.config import ClusterConfig, PruneConfig, ResolvedModel
+from shrinkfleet.datasets import Prepared, load_prepared
+from shrinkfleet.evaluation import TFLiteModel, accuracy_of, to_tflite
+from shrinkfleet.storage import atomic_dir
+from shrinkfleet.techniques import cluster, quantization_aware
+from shrinkfleet.tfenv import configure_devices, keras, reset
+from tasks.common import StageContext, execute
+from tasks.prune import prune
+
+# The technique registry: a recipe step's name -> fn(model, resolved config, data, seed) -> model.
+STEPS: dict[str, Callable[[keras.Model, Any, Prepared, int], keras.Model]] = {
+    "prune": prune,
+    "cluster": cluster,
+    **{scheme: (lambda s: lambda m, c, d, seed: quantization_aware(m, s, c, d, seed))(scheme)
+       for scheme in ("qat", "pqat", "cqat", "pcqat")},
+}
+
+
+def representative_samples(data: Prepared, n: int, seed: int) -> np.ndarray:
+    """``n`` train samples (seeded, without replacement) that calibrate int8 ranges."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(data.train), size=min(n, len(data.train)), replace=False)
+    return data.train.x[np.sort(idx)]
+
+
+@dataclass
+class Variant:
+    """One compressed variant: its flatbuffer, its coded blob and how it was made."""
+
+    content: bytes
+    coded: bytes
+    parent: str
+    steps: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] | None = None
+
+
+def _label(name: str, cfg: Any) -> str:
+    if name == "prune":
+        return "prune(2:4)" if cfg.pattern == "2:4" else f"prune({cfg.target_sparsity:g})"
+    if name == "cluster":
+        return f"cluster({cfg.clusters})"
+    return name
+
+
+def encode_best(content: bytes) -> bytes:
+    """The smaller of the range-coded and Huffman-coded blobs."""
+    return min((coding.encode(content, c) for c in ("range", "huffman")), key=len)
+
+
+def run_recipe(recipe: str, cfg: ResolvedModel, bases: dict[str, keras.Model], data: Prepared) -> Variant:
+    """Apply one recipe of ``cfg`` to its starting model and convert; the bases are not changed."""
+    spec = cfg.recipes[recipe]
+    model = bases[spec.start]
+    labels, settings = [], {}
+    names = spec.step_names()
+    for i in range(len(names) - 1):
+        step_name, step_cfg = cfg.step_config(recipe, i)
+        model = STEPS[step_name](model, step_cfg, data, cfg.seed)
+        labels.append(_label(step_name, step_cfg))
+        settings[f"{i}.{step_name}"] = step_cfg.model_dump()
+    conversion = names[-1]
+    rep = representative_samples(data, cfg.quantize.representative_samples, cfg.seed) if conversion == "int8" else None
+    content = to_tflite(model, conversion, rep)
+    return Variant(content, encode_best(content), spec.start, [*labels, conversion], settings)
+
+
+def search_order(cfg: ResolvedModel) -> list[tuple[float, int, str]]:
+    """Search candidates, smallest expected size first: non-zeros x (index + value bits)."""
+    s = cfg.search
+    grid = itertools.product(s.sparsities, s.clusters, s.conversions)
+    return sorted(grid, key=lambda g: ((1 - g[0]) * (np.log2(g[1]) + 4.0), g[2] != "float32", g))
+
+
+def search(cfg: ResolvedModel, teacher: keras.Model, student: keras.Model, data: Prepared) -> dict[str, Variant]:
+    """Try (sparsity, clusters, conversion) candidates, smallest expected first, within the budget.
+
+    Stops at the first candidate whose validation accuracy is within
+    ``search.max_accuracy_drop`` of the teacher's; that one is marked ``best``. Every trial
+    is returned (and becomes a tracked variant), passing or not.
+    """
+    s = cfg.search
+    teacher_val = training.accuracy(teacher, data.val.x, data.val.y)
+    trials: dict[str, Variant] = {}
+    for i, (sparsity, clusters, conversion) in enumerate(search_order(cfg)[: s.budget]):
+        prune_cfg = PruneConfig.model_validate({**cfg.prune.model_dump(), "target_sparsity": sparsity,
+                                                "initial_sparsity": 0.0, "pattern": "unstructured"})
+        cluster_cfg = ClusterConfig.model_validate({**cfg.cluster.model_dump(), "clusters": clusters})
+        model = cluster(prune(student, prune_cfg, data, cfg.seed), cluster_cfg, data, cfg.seed)
+        rep = representative_samples(data, cfg.quantize.representative_samples, cfg.seed)
+        content = to_tflite(model, conversion, rep if conversion == "int8" else None)
+        val = accuracy_of(TFLiteModel(content).predict, data.val.x, data.val.y)
+        drop = teacher_val - val
+        name = f"search-{i + 1}-s{sparsity:g}-k{clusters}-{conversion}"
+        info = {"trial": i + 1, "val_accuracy": val, "val_drop": drop, "within_bound": drop <= s.max_accuracy_drop,
+                "best": False}
+        trials[name] = Variant(content, encode_best(content), "student",
+                               [f"prune({sparsity:g})", f"cluster({clusters})", conversion],
+                               {"prune": prune_cfg.model_dump(), "cluster": cluster_cfg.model_dump()}, info)
+        if info["within_bound"]:
+            info["best"] = True
+            break
+    return trials
+
+
+def compress(cfg: ResolvedModel, bases: dict[str, keras.Model], data: Prepared) -> dict[str, Variant]:
+    """Every recipe's variant, then the search trials (if enabled), by name."""
+    out = {name: run_recipe(name, cfg, bases, data) for name in cfg.recipes}
+    if cfg.search.enabled:
+        out.update(search(cfg, bases["teacher"], bases["student"], data))
+    return out
+
+
+def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
+    """Write models/<model>/variants/{<name>.tflite, <name>.sfc, manifest.json}."""
+    cfg = ctx.fleet.resolve(model_name)
+    configure_devices(ctx.fleet.run.mixed_precision)
+    reset(cfg.seed)
+    data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
+    bases = {name: zoo.load(ctx.ws.keras(model_name, name)) for name in ("teacher", "student", "pruned")}
+    variants = compress(cfg, bases, data)
+    manifest = {}
+    with atomic_dir(ctx.ws.variants_dir(model_name)) as tmp:
+        for name, v in variants.items():
+            (tmp / f"{name}.tflite").write_bytes(v.content)
+            (tmp / f"{name}.sfc").write_bytes(v.coded)
+            manifest[name] = {"file": f"{name}.tflite", "coded": f"{name}.sfc", "parent": v.parent,
+                              "steps": v.steps, "settings": v.settings, "search": v.search}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return {"variants": len(variants), "bytes": {n: len(v.content) for n, v in variants.items()},
+            "coded_bytes": {n: len(v.coded) for n, v in variants.items()}}
+
+
+@task(name="compress", task_run_name="compress-{model}", tags=["gpu"], retries=2, retry_delay_seconds=5,
+      cache_policy=NO_CACHE)
+def compress_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+    """Run one model's recipes unless DVC reports them up to date."""
+    return execute("compress", model, root, params_file, run, use_dvc, force)
