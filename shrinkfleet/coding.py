@@ -181,15 +181,22 @@ def _positions(gaps: np.ndarray) -> np.ndarray:
 _TABLE_BYTES = 3  # what one used symbol's frequency entry costs in the compressed header, roughly
 
 
-def _stream_cost(symbols: np.ndarray) -> float:
-    """Estimated bytes of one coded stream: entropy plus its frequency table."""
+def _stream_cost(symbols: np.ndarray, coder: str) -> float:
+    """Estimated bytes of one coded stream: entropy plus its frequency table.
+
+    A Huffman code spends at least one bit per symbol (a range coder does not), which
+    decides dense vs sparse for very sparse tensors.
+    """
     if not len(symbols):
         return 0.0
     counts = np.unique(symbols, return_counts=True)[1]
-    return _entropy_bits(counts.tolist()) / 8 + _TABLE_BYTES * len(counts)
+    bits = _entropy_bits(counts.tolist())
+    if coder == "huffman" and len(counts) > 1:
+        bits = max(bits, float(len(symbols)))
+    return bits / 8 + _TABLE_BYTES * len(counts)
 
 
-def _tensor_streams(values: np.ndarray) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+def _tensor_streams(values: np.ndarray, coder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
     """Codebook and symbol streams of one weight tensor, dense or sparse.
 
     Returns None when coding would not beat leaving the bytes to zstd with the rest of the
@@ -204,11 +211,11 @@ def _tensor_streams(values: np.ndarray) -> tuple[dict[str, Any], dict[str, np.nd
     idx = np.searchsorted(book, flat)
     book_bytes = len(book) * flat.dtype.itemsize
     info: dict[str, Any] = {"book": _pack(book), "count": len(flat)}
-    best = ("dense", {"values": idx}, _stream_cost(idx))
+    best = ("dense", {"values": idx}, _stream_cost(idx, coder))
     if np.any(book == 0):
         nz = np.flatnonzero(flat != 0)
         streams = {"gaps": _gaps(nz), "values": idx[nz]}
-        cost = sum(_stream_cost(s) for s in streams.values())
+        cost = sum(_stream_cost(s, coder) for s in streams.values())
         if cost < best[2]:
             best = ("sparse", streams, cost)
     raw = len(zstandard.ZstdCompressor(level=19).compress(flat.tobytes()))
@@ -244,7 +251,7 @@ def encode(content: bytes, coder: str = "range") -> bytes:
     for span in locate_weights(content):
         values = np.frombuffer(content, dtype=_DTYPES[span.dtype], count=span.length // np.dtype(_DTYPES[span.dtype])
                                .itemsize, offset=span.start)
-        streams = _tensor_streams(values)
+        streams = _tensor_streams(values, coder)
         if streams is None:
             continue
         info, symbol_streams = streams

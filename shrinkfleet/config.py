@@ -173,6 +173,10 @@ class PruneConfig(_Strict):
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="Adam learning rate while pruning.")
     frequency: int = Field(10, ge=1, description="Steps between two mask updates.")
     power: float = Field(3.0, gt=0, description="Exponent of the polynomial decay.")
+    layer_sparsity: dict[str, Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=dict,
+        description="Target sparsity of named layers (e.g. {logits: 0.5}); the others take target_sparsity.",
+    )
     pattern: Literal["unstructured", "2:4"] = Field(
         "unstructured", description="unstructured magnitude pruning, or 2:4 (two zeros in every four weights)."
     )
@@ -182,7 +186,7 @@ class PruneConfig(_Strict):
 
     @field_validator("initial_sparsity")
     @classmethod
-    def _below_target(cls, v: float, info: Any) -> float:
+    def _below_target(cls, v: float, info: Any) -> float:  # per-layer targets start at min(initial, target)
         target = info.data.get("target_sparsity")
         if target is not None and v > target:
             raise ValueError(f"must be <= target_sparsity ({target})")

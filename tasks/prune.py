@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from shrinkfleet import training, zoo
 from shrinkfleet.config import PruneConfig
 from shrinkfleet.datasets import Prepared, load_prepared
-from shrinkfleet.evaluation import kernel_sparsity
+from shrinkfleet.evaluation import PRUNABLE, kernel_sparsity
 from shrinkfleet.techniques import positive_zeros
 from shrinkfleet.tfenv import configure_devices, keras, reset, tfmot
 from tasks.common import StageContext, execute
@@ -58,11 +58,21 @@ def prune(model: keras.Model, cfg: PruneConfig, data: Prepared, seed: int) -> ke
             base, pruning_schedule=sparsity.ConstantSparsity(0.5, begin_step=0, frequency=frequency),
             sparsity_m_by_n=(2, 4))
     else:
-        schedule = sparsity.PolynomialDecay(
-            initial_sparsity=cfg.initial_sparsity, final_sparsity=cfg.target_sparsity,
-            begin_step=0, end_step=end, power=cfg.power, frequency=frequency,
-        )
-        wrapped = sparsity.prune_low_magnitude(base, pruning_schedule=schedule)
+        targets = layer_targets(base, cfg)
+
+        def schedule(target: float) -> Any:
+            return sparsity.PolynomialDecay(
+                initial_sparsity=min(cfg.initial_sparsity, target), final_sparsity=target,
+                begin_step=0, end_step=end, power=cfg.power, frequency=frequency,
+            )
+
+        def wrap(layer: keras.layers.Layer) -> keras.layers.Layer:
+            # TFMOT's per-layer pattern: wrap the layer object itself (base is our own copy).
+            if layer.name in targets:
+                return sparsity.prune_low_magnitude(layer, pruning_schedule=schedule(targets[layer.name]))
+            return layer
+
+        wrapped = keras.models.clone_model(base, clone_function=wrap)
     training.fit(
         wrapped, data.train.x, data.train.y, (data.val.x, data.val.y),
         loss=training.sparse_ce(), metrics=["accuracy"], epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -73,9 +83,29 @@ def prune(model: keras.Model, cfg: PruneConfig, data: Prepared, seed: int) -> ke
     return positive_zeros(zoo.clone(stripped))
 
 
-def expected_sparsity(cfg: PruneConfig) -> float:
-    """The kernel sparsity ``prune`` reaches with ``cfg``."""
-    return 0.5 if cfg.pattern == "2:4" else cfg.target_sparsity
+def layer_targets(model: keras.Model, cfg: PruneConfig) -> dict[str, float]:
+    """Target sparsity per prunable layer: ``layer_sparsity`` where given, else ``target_sparsity``.
+
+    Raises:
+        ValueError: ``layer_sparsity`` names a layer the model does not have.
+    """
+    prunable = [layer.name for layer in model.layers if isinstance(layer, PRUNABLE)]
+    unknown = sorted(set(cfg.layer_sparsity) - set(prunable))
+    if unknown:
+        raise ValueError(f"prune.layer_sparsity: no prunable layer named {', '.join(unknown)} "
+                         f"(the model's are: {', '.join(prunable)})")
+    return {name: cfg.layer_sparsity.get(name, cfg.target_sparsity) for name in prunable}
+
+
+def expected_sparsity(cfg: PruneConfig, model: keras.Model | None = None) -> float:
+    """The overall kernel sparsity ``prune`` reaches with ``cfg`` (weighted by layer size)."""
+    if cfg.pattern == "2:4":
+        return 0.5
+    if model is None or not cfg.layer_sparsity:
+        return cfg.target_sparsity
+    targets = layer_targets(model, cfg)
+    sizes = {layer.name: layer.kernel.shape.num_elements() for layer in model.layers if layer.name in targets}
+    return sum(targets[n] * sizes[n] for n in targets) / sum(sizes.values())
 
 
 def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
@@ -86,7 +116,7 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
     student = zoo.load(ctx.ws.keras(model_name, "student"))
     pruned = prune(student, cfg.prune, data, cfg.seed)
     reached = kernel_sparsity(pruned)
-    target = expected_sparsity(cfg.prune)
+    target = expected_sparsity(cfg.prune, student)
     if not np.isclose(reached, target, atol=0.02):
         raise RuntimeError(f"prune: reached sparsity {reached:.3f}, target {target}; check prune.frequency")
     zoo.save(pruned, ctx.ws.keras(model_name, "pruned"))

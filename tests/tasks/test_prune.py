@@ -45,3 +45,16 @@ def test_too_few_steps_is_a_clear_error():
 
     with pytest.raises(ValueError, match="raise prune.epochs"):
         schedule_steps(10, PruneConfig(epochs=1, batch_size=64))
+
+
+def test_layer_sparsity_overrides_named_layers(student, digits):
+    from tasks.prune import expected_sparsity, prune
+
+    cfg = PruneConfig(target_sparsity=0.9, layer_sparsity={"logits": 0.5}, epochs=2, frequency=5)
+    pruned = prune(student, cfg, digits, seed=0)
+    by_name = {layer.name: np.mean(layer.kernel.numpy() == 0) for layer in pruned.layers if hasattr(layer, "kernel")}
+    assert by_name["logits"] == pytest.approx(0.5, abs=0.02)
+    assert by_name["dense_0"] == pytest.approx(0.9, abs=0.02)
+    assert kernel_sparsity(pruned) == pytest.approx(expected_sparsity(cfg, student), abs=0.01)
+    with pytest.raises(ValueError, match="prune.layer_sparsity: no prunable layer named ghost"):
+        prune(student, PruneConfig(layer_sparsity={"ghost": 0.5}, epochs=1), digits, seed=0)
