@@ -61,8 +61,10 @@ def configure_devices(mixed_precision: bool = False) -> list[str]:
     """Turn on memory growth for every visible GPU and return their names.
 
     Memory growth lets several training tasks share one GPU instead of the first one
-    reserving all of its memory. ``CUDA_VISIBLE_DEVICES`` decides which GPUs are visible.
-    With no GPU, TensorFlow runs on the CPU and this returns an empty list.
+    reserving all of its memory. ``CUDA_VISIBLE_DEVICES`` decides which GPUs are visible
+    (an empty value hides them all). With no GPU, TensorFlow runs on the CPU and this
+    returns an empty list. ``mixed_precision`` only decides what the log line says: the
+    training stages apply it themselves through :func:`precision`, and only on a GPU.
     """
     global _configured
     with quiet_native_stderr():
@@ -73,11 +75,32 @@ def configure_devices(mixed_precision: bool = False) -> list[str]:
                 tf.config.experimental.set_memory_growth(gpu, True)
             except RuntimeError as exc:  # already initialised by an earlier model
                 log.debug("memory growth not changed for %s: %s", gpu.name, exc)
-        if mixed_precision and gpus:
-            keras.mixed_precision.set_global_policy("mixed_float16")
         _configured = True
-        log.info("devices: %s", ", ".join(g.name for g in gpus) or "CPU only (no GPU visible)")
+        mode = " (mixed_float16 training)" if mixed_precision and gpus else ""
+        log.info("devices: %s%s", ", ".join(g.name for g in gpus) or "CPU only (no GPU visible)", mode)
     return [gpu.name for gpu in gpus]
+
+
+@contextlib.contextmanager
+def precision(mixed: bool) -> Iterator[None]:
+    """Build and train the models made inside under ``mixed_float16`` when ``mixed`` is true.
+
+    Mixed precision computes in float16 and keeps the variables in float32 (Keras wraps
+    the optimizer in a loss-scale optimizer at compile time). Only teacher and student
+    training use it: the models they save are rebuilt in float32 (:func:`zoo.as_float32`),
+    because TFMOT's pruning, clustering and QAT wrappers and the TFLite converter expect
+    float32 layers. The global policy is restored on exit, so a worker process that runs
+    a prune stage next is unaffected.
+    """
+    if not mixed:
+        yield
+        return
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def reset(seed: int) -> None:

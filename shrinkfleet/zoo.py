@@ -51,8 +51,23 @@ def build(arch: MlpArch | CnnArch, input_shape: Sequence[int], num_classes: int,
             x = keras.layers.Dense(units, activation="relu", name=f"dense_{i}")(x)
         if arch.dropout:
             x = keras.layers.Dropout(arch.dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, name="logits")(x)
+    # Logits stay float32 under mixed precision: softmax and the distillation KL in float16
+    # overflow at high temperatures.
+    outputs = keras.layers.Dense(num_classes, name="logits", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def as_float32(model: keras.Model, arch: MlpArch | CnnArch, input_shape: Sequence[int], num_classes: int
+               ) -> keras.Model:
+    """``model`` (built by :func:`build`, possibly under mixed precision) rebuilt with float32 layers.
+
+    Mixed precision keeps variables in float32, so the weights carry over exactly.
+    """
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+    rebuilt = build(arch, input_shape, num_classes, name=model.name)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def clone(model: keras.Model) -> keras.Model:

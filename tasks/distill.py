@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from shrinkfleet import training, zoo
 from shrinkfleet.config import CnnArch, DistillConfig, MlpArch
 from shrinkfleet.datasets import Prepared, load_prepared
-from shrinkfleet.tfenv import configure_devices, keras, reset, tf
+from shrinkfleet.tfenv import configure_devices, keras, precision, reset, tf
 from tasks.common import StageContext, execute
 
 
@@ -58,37 +58,42 @@ _packed_accuracy.__name__ = "accuracy"
 
 def distill(
     teacher: keras.Model, arch: MlpArch | CnnArch, cfg: DistillConfig, data: Prepared, seed: int,
-    name: str = "student",
+    name: str = "student", mixed_precision: bool = False,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Train a fresh ``arch`` student on ``data`` with the teacher's soft targets.
 
     The teacher is only read (its logits are computed once, in inference mode).
+    ``mixed_precision`` trains in mixed_float16; the returned student has float32 layers.
     """
     t_train = training.logits(teacher, data.train.x)
     t_val = training.logits(teacher, data.val.x)
     reset(seed)
-    student = zoo.build(arch, data.input_shape, data.num_classes, name=name)
-    history = training.fit(
-        student, data.train.x, pack_targets(data.train.y, t_train),
-        (data.val.x, pack_targets(data.val.y, t_val)),
-        loss=_PackedKD(cfg.temperature, cfg.alpha), metrics=[_packed_accuracy], epochs=cfg.epochs,
-        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, patience=cfg.patience, seed=seed,
-    )
-    return student, history
+    with precision(mixed_precision):
+        student = zoo.build(arch, data.input_shape, data.num_classes, name=name)
+        history = training.fit(
+            student, data.train.x, pack_targets(data.train.y, t_train),
+            (data.val.x, pack_targets(data.val.y, t_val)),
+            loss=_PackedKD(cfg.temperature, cfg.alpha), metrics=[_packed_accuracy], epochs=cfg.epochs,
+            batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, patience=cfg.patience, seed=seed,
+        )
+    return zoo.as_float32(student, arch, data.input_shape, data.num_classes), history
 
 
 def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
     """Distil one fleet member's student from its teacher into models/<model>/student.keras."""
     cfg = ctx.fleet.resolve(model_name)
-    configure_devices(ctx.fleet.run.mixed_precision)
+    gpus = configure_devices(ctx.fleet.run.mixed_precision)
+    mixed = ctx.fleet.run.mixed_precision and bool(gpus)
     data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
     teacher = zoo.load(ctx.ws.keras(model_name, "teacher"))
-    student, history = distill(teacher, cfg.student_arch, cfg.distill, data, cfg.seed)
+    student, history = distill(teacher, cfg.student_arch, cfg.distill, data, cfg.seed, mixed_precision=mixed)
     zoo.save(student, ctx.ws.keras(model_name, "student"))
     return {
         "epochs": len(history["loss"]),
         "val_accuracy": training.accuracy(student, data.val.x, data.val.y),
         "params": int(student.count_params()),
+        "devices": ",".join(gpus) or "cpu",
+        "mixed_precision": mixed,
     }
 
 
