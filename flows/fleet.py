@@ -190,10 +190,10 @@ def fleet_flow(
             "trigger": trigger,
             "models": f"{len(names) - len(failures)} of {len(names)} finished",
             "MLflow run": parent_run_id,
-        }, outcomes={m: results[m] for m in docs})
+        }, outcomes={m: results[m] for m in docs}, trends=report.trends_from_mlflow(experiment_id, names))
         import mlflow
 
-        mlflow.log_artifact(str(path), artifact_path="report")
+        mlflow.log_artifacts(str(path.parent), artifact_path="report")
         mlflow.log_metrics({"models_ok": len(names) - len(failures), "models_failed": len(failures)})
         if failures:
             mlflow.set_tag("shrinkfleet.failed_models", ",".join(failures))

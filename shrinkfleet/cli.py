@@ -269,21 +269,47 @@ def validate(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
 
 @app.command()
 def report(
-    models: Annotated[str | None, typer.Option("--models", "-m", help="Comma-separated models (default: all).")] = None,
+    models: Annotated[str | None, typer.Option("--models", "--model", "-m",
+                                               help="Comma-separated models (default: all).")] = None,
+    since: Annotated[str | None, typer.Option(help="Only runs this recent: 30m, 12h, 7d, 2w (default: all).")] = None,
     params: ParamsOpt = None,
     root: RootOpt = Path("."),
 ) -> None:
-    """Print the variant table from the last metrics/<model>.json files."""
+    """Rebuild reports/fleet.md and fleet.html from MLflow and print the variant table.
+
+    Each model's latest finished run (within --since) gives its variants; the trend plots
+    show what production served after each run.
+    """
+    import datetime as dt
+
     from shrinkfleet import report as rep
+    from shrinkfleet import tracking
     from shrinkfleet.workspace import Workspace
 
     root, params = _paths(root, params)
     fleet = _load(params)
-    names = [m.strip() for m in models.split(",")] if models else fleet.model_names()
-    docs = rep.load_metrics(Workspace(root), names)
+    try:
+        cutoff = dt.datetime.now(dt.UTC) - rep.parse_since(since) if since else None
+    except ValueError as exc:
+        _fail(str(exc))
+    wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    unknown = sorted(set(wanted or []) - set(fleet.model_names()))
+    if unknown:
+        _fail(f"--models: {', '.join(unknown)} not in {params.name} (fleet: {', '.join(fleet.model_names())})")
+    experiment_id = tracking.setup(root, fleet.fleet)
+    docs = rep.docs_from_mlflow(experiment_id, wanted, cutoff)
     if not docs:
-        _fail("no metrics yet: run `shrinkfleet run` first", code=1)
-    console.print(rep.formatted(rep.variant_table(docs)).to_markdown(index=False))
+        window = f" in the last {since}" if since else ""
+        _fail(f"no finished model runs{window} in MLflow ({tracking.tracking_uri(root)}): run `shrinkfleet run` first",
+              code=1)
+    trends = rep.trends_from_mlflow(experiment_id, wanted, cutoff)
+    latest = max(d["time"] for d in docs.values())
+    path = rep.write_report(Workspace(root), docs, {}, {
+        "fleet": fleet.fleet, "rebuilt from": tracking.tracking_uri(root),
+        "latest run": latest.strftime("%Y-%m-%d %H:%M:%S UTC"), "window": since or "all runs",
+        "models": ", ".join(docs)}, trends=trends)
+    console.print(rep.markdown(rep.formatted(rep.variant_table(docs))))
+    console.print(f"\nwrote {path} and {path.with_suffix('.html')}")
 
 
 @app.command()

@@ -1,13 +1,30 @@
-"""The fleet report: one table of every variant (pandas), a plot per model, reports/fleet.md."""
+"""The fleet report: every variant in one table, plots per model, trends over runs.
+
+Written after every run, and rebuilt from MLflow at any time by ``shrinkfleet report``:
+
+    reports/fleet.md                 table, registry, failures, Pareto fronts, plots
+    reports/fleet.html               the same, self-contained (plots embedded)
+    reports/plots/<model>-pareto.png     accuracy vs coded bytes (log scale), front drawn
+    reports/plots/<model>-waterfall.png  bytes from teacher to student, pruned, quantized, coded
+    reports/plots/<model>-trend.png      production accuracy and bytes over the last runs
+    reports/variants.csv, trends.csv     the plotted data
+
+dvc.yaml declares the CSVs and reports/plots/ as DVC plots, so ``dvc plots show`` renders them.
+"""
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from shrinkfleet.metrics import METRICS, pareto_front
 from shrinkfleet.storage import atomic_path, atomic_write_text
 from shrinkfleet.workspace import Workspace
 
@@ -60,6 +77,12 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def markdown(pretty: pd.DataFrame) -> str:
+    """:func:`formatted`'s table as Markdown, numbers exactly as formatted (``94.50``, not ``94.5``)."""
+    align = ["left" if c in ("model", "variant", "gate") else "right" for c in pretty.columns]
+    return pretty.to_markdown(index=False, disable_numparse=True, colalign=align)
+
+
 def plot_model(doc: dict[str, Any], path: Path) -> None:
     """Accuracy vs coded bytes (log scale) of one model's variants, Pareto front drawn, as PNG."""
     import matplotlib
@@ -93,48 +116,289 @@ def plot_model(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def best_variant(doc: dict[str, Any]) -> str | None:
+    """The .tflite variant on the Pareto front with the fewest coded bytes (where the waterfall ends)."""
+    tflite = [n for n in doc.get("pareto_front", []) if doc["variants"][n]["format"] == "tflite"]
+    if not tflite:
+        tflite = [n for n, v in doc["variants"].items() if v["format"] == "tflite"]
+    return min(tflite, key=lambda n: doc["variants"][n]["coded_bytes"]) if tflite else None
+
+
+def waterfall(doc: dict[str, Any]) -> list[tuple[str, float, str]]:
+    """``(step, bytes, note)`` from the teacher to the smallest coded variant.
+
+    teacher and student are float32 bytes; pruned is the pruned model's float32 bytes (the
+    zeros are still stored: they are saved at coding); quantized is the best variant's
+    flatbuffer; coded is that flatbuffer entropy-coded.
+    """
+    v = doc["variants"]
+    steps = [("teacher", v["teacher"]["size_bytes"], "float32")]
+    if "student" in v:
+        steps.append(("student", v["student"]["size_bytes"], "distilled, float32"))
+    if "pruned" in v:
+        steps.append(("pruned", v["pruned"]["size_bytes"], f"{v['pruned']['sparsity'] * 100:.0f}% zeros, float32"))
+    best = best_variant(doc)
+    if best is not None:
+        steps.append(("quantized", v[best]["size_bytes"], best))
+        steps.append(("coded", v[best]["coded_bytes"], f"{best}, entropy-coded"))
+    return steps
+
+
+def plot_waterfall(doc: dict[str, Any], path: Path) -> None:
+    """Bytes at each step from teacher to coded variant (log scale), each bar labelled with its ratio."""
+    plt = _pyplot()
+    steps = waterfall(doc)
+    fig, ax = plt.subplots(figsize=(7.2, 4.2), dpi=100)
+    names = [f"{s}\n({note})" for s, _, note in steps]
+    sizes = [b for _, b, _ in steps]
+    bars = ax.bar(names, sizes, color=["tab:gray", "tab:blue", "tab:cyan", "tab:orange", "tab:red"][:len(steps)])
+    for bar, size in zip(bars, sizes, strict=True):
+        ax.annotate(f"{size:,.0f} B\n{sizes[0] / size:.1f}x", (bar.get_x() + bar.get_width() / 2, size),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylim(min(sizes) / 2, max(sizes) * 4)
+    ax.set_ylabel("bytes (log scale)")
+    ax.set_title(f"{doc['model']}: where the bytes go (ratio vs the teacher)")
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_trend(trend: pd.DataFrame, model: str, path: Path) -> None:
+    """Production accuracy (left axis) and coded bytes (right axis) of ``model`` over fleet runs."""
+    plt = _pyplot()
+    t = trend.sort_values("time")
+    fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=100)
+    ax.plot(t["time"], t["accuracy"] * 100, marker="o", color="tab:blue", label="accuracy %")
+    ax.set_ylabel("test accuracy (%)", color="tab:blue")
+    right = ax.twinx()
+    right.plot(t["time"], t["coded_bytes"], marker="s", color="tab:red", label="coded bytes")
+    right.set_ylabel("coded bytes", color="tab:red")
+    for x, y, version in zip(t["time"], t["accuracy"] * 100, t["version"], strict=True):
+        ax.annotate(f"v{version}", (x, y), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
+    ax.set_title(f"{model}: production over the last {len(t)} run(s)")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    _pyplot().close(fig)
+
+
+# ----------------------------------------------------------------------------- from MLflow
+
+
+def parse_since(text: str) -> dt.timedelta:
+    """``30m``, ``12h``, ``7d`` or ``2w`` as a time span.
+
+    Raises:
+        ValueError: anything else, with the accepted forms in the message.
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*([mhdw])\s*", text or "")
+    if not m or int(m[1]) == 0:
+        raise ValueError(f"--since {text!r}: write a positive number and a unit, e.g. 30m, 12h, 7d or 2w")
+    unit = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m[2]]
+    return dt.timedelta(**{unit: int(m[1])})
+
+
+def _runs(experiment_id: str, query: str, since: dt.datetime | None) -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    if since is not None:
+        query += f" and attributes.start_time >= {int(since.timestamp() * 1000)}"
+    return MlflowClient().search_runs([experiment_id], filter_string=query, max_results=50_000,
+                                      order_by=["attributes.start_time DESC"])
+
+
+def docs_from_mlflow(experiment_id: str, models: list[str] | None = None, since: dt.datetime | None = None
+                     ) -> dict[str, dict[str, Any]]:
+    """Each model's metrics document as its latest finished MLflow run logged it.
+
+    The variants come from the model run's nested variant runs (metrics and tags), so a
+    report can be rebuilt on any machine that reaches the tracking server.
+    """
+    docs: dict[str, dict[str, Any]] = {}
+    for run in _runs(experiment_id, "tags.`shrinkfleet.kind` = 'model' and attributes.status = 'FINISHED'", since):
+        model = run.data.tags.get("shrinkfleet.model", "")
+        if model in docs or (models and model not in models):
+            continue
+        variant_runs = _runs(experiment_id, f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", None)
+        variants = {}
+        for vr in sorted(variant_runs, key=lambda r: r.info.start_time):
+            tags, metrics = vr.data.tags, vr.data.metrics
+            if tags.get("shrinkfleet.kind") != "variant" or not set(METRICS) <= set(metrics):
+                continue
+            variants[tags["shrinkfleet.variant"]] = {
+                **{k: metrics[k] for k in METRICS},
+                "format": tags.get("shrinkfleet.format", ""), "recipe": tags.get("shrinkfleet.recipe", ""),
+                "parent": tags.get("shrinkfleet.parent_variant") or None, "path": tags.get("shrinkfleet.artifact", ""),
+            }
+        if "teacher" not in variants:
+            continue
+        front = pareto_front({n: (v["accuracy"], v["coded_bytes"]) for n, v in variants.items()})
+        for name, v in variants.items():
+            v["pareto"] = name in front
+        docs[model] = {"model": model, "variants": variants, "pareto_front": front,
+                       "teacher_bytes": variants["teacher"]["size_bytes"], "run_id": run.info.run_id,
+                       "time": dt.datetime.fromtimestamp(run.info.start_time / 1000, dt.UTC)}
+    return dict(sorted(docs.items()))
+
+
+def trends_from_mlflow(experiment_id: str, models: list[str] | None = None, since: dt.datetime | None = None,
+                       last: int = 30) -> pd.DataFrame:
+    """What ``production`` served after each of the last ``last`` runs of each model.
+
+    Columns: model, time, run_id, version, accuracy, coded_bytes, size_bytes, compression_ratio.
+    """
+    rows = []
+    for run in _runs(experiment_id, "tags.`shrinkfleet.kind` = 'model'", since):
+        model, metrics = run.data.tags.get("shrinkfleet.model", ""), run.data.metrics
+        version = run.data.tags.get("shrinkfleet.production_version")
+        if version is None or (models and model not in models) or "production_accuracy" not in metrics:
+            continue
+        rows.append({"model": model, "time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC"),
+                     "run_id": run.info.run_id, "version": int(version),
+                     **{k: metrics.get(f"production_{k}", float("nan"))
+                        for k in ("accuracy", "coded_bytes", "size_bytes", "compression_ratio")}})
+    cols = ["model", "time", "run_id", "version", "accuracy", "coded_bytes", "size_bytes", "compression_ratio"]
+    table = pd.DataFrame(rows, columns=cols)
+    if table.empty:
+        return table
+    return (table.sort_values("time").groupby("model", group_keys=False).tail(last).reset_index(drop=True))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
 def write_report(ws: Workspace, docs: dict[str, dict[str, Any]], failures: dict[str, str],
-                 header: dict[str, str], outcomes: dict[str, dict[str, Any]] | None = None) -> Path:
-    """Write reports/fleet.md (table, gate, registry, failures, plots) and return its path.
+                 header: dict[str, str], outcomes: dict[str, dict[str, Any]] | None = None,
+                 trends: pd.DataFrame | None = None) -> Path:
+    """Write reports/fleet.md and fleet.html (table, registry, failures, fronts, plots); return the .md path.
 
     Args:
         outcomes: per model, ``{"gate": {variant: verdict}, "registry": Registration dict}``.
+        trends: :func:`trends_from_mlflow`'s table; a trend plot per model with two or more runs.
     """
     outcomes = outcomes or {}
     ws.reports.mkdir(parents=True, exist_ok=True)
+    gates = {m: o.get("gate") or {} for m, o in outcomes.items()}
+    table = variant_table(docs, gates) if docs else None
+    pretty = formatted(table) if table is not None else None
+    regs = {m: o["registry"] for m, o in outcomes.items() if o.get("registry")}
+    plots: list[tuple[str, str, Path]] = []  # (model, caption, png)
+    plot_dir = ws.reports / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    for stale in plot_dir.glob("*.png"):  # models no longer in the report (dvc plots shows the folder)
+        if not any(stale.name.startswith(f"{m}-") for m in docs):
+            stale.unlink()
+    for model, doc in docs.items():
+        pareto_png = plot_dir / f"{model}-pareto.png"
+        plot_model(doc, pareto_png)
+        plots.append((model, "accuracy vs coded bytes", pareto_png))
+        waterfall_png = plot_dir / f"{model}-waterfall.png"
+        plot_waterfall(doc, waterfall_png)
+        plots.append((model, "bytes from teacher to coded variant", waterfall_png))
+        if trends is not None and (trends["model"] == model).sum() >= 2:
+            trend_png = plot_dir / f"{model}-trend.png"
+            plot_trend(trends[trends["model"] == model], model, trend_png)
+            plots.append((model, "production over the last runs", trend_png))
+    _write_plot_data(ws, table, trends)
+
     lines = ["# Fleet report", ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items()]
-    lines += ["", "Accuracy on each model's test split; drop vs its teacher in percentage points; bytes of the",
-              "TFLite flatbuffer (Keras variants as float32); ratio = teacher bytes / variant bytes; coded = the",
-              "entropy-coded flatbuffer (decodes to the same bytes); coded ratio = teacher bytes / coded bytes;",
-              "bits/nz = weight bits per non-zero weight; * = on the Pareto front of accuracy vs coded bytes.", ""]
-    if docs:
-        gates = {m: o.get("gate") or {} for m, o in outcomes.items()}
-        lines.append(formatted(variant_table(docs, gates)).to_markdown(index=False))
-    else:
-        lines.append("_No model finished._")
-    regs = {m: o["registry"] for m, o in outcomes.items() if o.get("registry")}
+    lines += ["", *LEGEND, ""]
+    lines.append(markdown(pretty) if pretty is not None else "_No model finished._")
     if regs:
         lines += ["", "## Registry (alias `production`)", ""]
-        for m, reg in regs.items():
-            where = f"v{reg['version']}" if reg["version"] else "none"
-            lines.append(f"- **{m}**: {'promoted to' if reg['promoted'] else 'production'} {where} "
-                         f"(candidate: {reg['candidate'] or 'none'}): {reg['reason']}")
+        lines += [f"- **{m}**: {_registry_line(reg)}" for m, reg in regs.items()]
     if failures:
         lines += ["", "## Failed", ""]
         lines += [f"- **{m}**: {why}" for m, why in failures.items()]
     if docs:
         lines += ["", "## Pareto fronts (accuracy vs coded bytes)", ""]
-        for model, doc in docs.items():
-            front = doc.get("pareto_front", [])
-            lines.append(f"- **{model}**: " + ", ".join(
-                f"{n} ({doc['variants'][n]['accuracy'] * 100:.2f}%, {doc['variants'][n]['coded_bytes']:,.0f} B)"
-                for n in front))
+        lines += [f"- **{model}**: {_front_line(doc)}" for model, doc in docs.items()]
         lines += ["", "## Plots", ""]
-        for model, doc in docs.items():
-            png = ws.reports / f"{model}-pareto.png"
-            plot_model(doc, png)
-            lines.append(f"![{model}]({png.name})")
+        for model, caption, png in plots:
+            lines += [f"**{model}**: {caption}", "", f"![{model} {caption}](plots/{png.name})", ""]
     path = ws.reports / "fleet.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(ws.reports / "fleet.html", _html(header, pretty, regs, failures, docs, plots))
     return path
+
+
+LEGEND = [
+    "Accuracy on each model's test split; drop vs its teacher in percentage points; bytes of the",
+    "TFLite flatbuffer (Keras variants as float32); ratio = teacher bytes / variant bytes; coded = the",
+    "entropy-coded flatbuffer (decodes to the same bytes); coded ratio = teacher bytes / coded bytes;",
+    "bits/nz = weight bits per non-zero weight; * = on the Pareto front of accuracy vs coded bytes.",
+]
+
+
+def _registry_line(reg: dict[str, Any]) -> str:
+    where = f"v{reg['version']}" if reg["version"] else "none"
+    return (f"{'promoted to' if reg['promoted'] else 'production'} {where} "
+            f"(candidate: {reg['candidate'] or 'none'}): {reg['reason']}")
+
+
+def _front_line(doc: dict[str, Any]) -> str:
+    return ", ".join(f"{n} ({doc['variants'][n]['accuracy'] * 100:.2f}%, {doc['variants'][n]['coded_bytes']:,.0f} B)"
+                     for n in doc.get("pareto_front", []))
+
+
+def _write_plot_data(ws: Workspace, table: pd.DataFrame | None, trends: pd.DataFrame | None) -> None:
+    """The plotted numbers as CSV, which dvc.yaml declares as plots (``dvc plots show``)."""
+    cols = ["model", "variant", "accuracy", "coded_bytes", "size_bytes", "compression_ratio", "pareto"]
+    variants = table[cols] if table is not None else pd.DataFrame(columns=cols)
+    atomic_write_text(ws.reports / "variants.csv", variants.to_csv(index=False))
+    tcols = ["model", "time", "version", "accuracy", "coded_bytes"]
+    t = trends[tcols] if trends is not None and not trends.empty else pd.DataFrame(columns=tcols)
+    atomic_write_text(ws.reports / "trends.csv", t.to_csv(index=False))
+
+
+def _img(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
+def _html(header: dict[str, str], pretty: pd.DataFrame | None, regs: dict[str, Any], failures: dict[str, str],
+          docs: dict[str, dict[str, Any]], plots: list[tuple[str, str, Path]]) -> str:
+    """One HTML file with everything inline (no external CSS, scripts or image files)."""
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Fleet report</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
+        "text-align:right}th{background:#f3f3f3}td:nth-child(-n+2){text-align:left}"
+        ".fail{color:#b00}figure{display:inline-block;margin:0 1em 1em 0}"
+        "figcaption{font-size:13px;color:#444}</style></head><body>",
+        "<h1>Fleet report</h1><ul>",
+        *(f"<li><b>{e(str(k))}</b>: {e(str(v))}</li>" for k, v in header.items()),
+        "</ul>", f"<p>{e(' '.join(LEGEND))}</p>",
+        pretty.to_html(index=False, border=0, escape=True) if pretty is not None else "<p>No model finished.</p>",
+    ]
+    if regs:
+        parts += ["<h2>Registry (alias <code>production</code>)</h2><ul>",
+                  *(f"<li><b>{e(m)}</b>: {e(_registry_line(r))}</li>" for m, r in regs.items()), "</ul>"]
+    if failures:
+        parts += ["<h2 class='fail'>Failed</h2><ul>",
+                  *(f"<li class='fail'><b>{e(m)}</b>: {e(why)}</li>" for m, why in failures.items()), "</ul>"]
+    if docs:
+        parts += ["<h2>Pareto fronts</h2><ul>",
+                  *(f"<li><b>{e(m)}</b>: {e(_front_line(d))}</li>" for m, d in docs.items()), "</ul>"]
+        parts.append("<h2>Plots</h2>")
+        for model, caption, png in plots:
+            parts.append(f"<figure><img alt='{e(model)} {e(caption)}' src='{_img(png)}'>"
+                         f"<figcaption>{e(model)}: {e(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -98,6 +98,24 @@ def record(ws: Workspace, cfg: ResolvedModel, stages: dict[str, str], use_dvc: b
             model_uri=logged.model_uri, version_tags=tags, trigger=trigger,
         )
         reg = registration.to_dict()
+        log_production(cfg.name, logged.run_id)
     return {"run_id": logged.run_id, "gate": verdicts, "registry": reg}
+
+
+def log_production(model: str, model_run_id: str) -> None:
+    """Put what ``production`` serves after this run on the model's run: the report's trend lines.
+
+    Metrics ``production_<metric>`` (accuracy, coded_bytes, size_bytes, ...) and the tag
+    ``shrinkfleet.production_version``; nothing when no version is in production.
+    """
+    version = registry.production(model)
+    if version is None:
+        return
+    client = mlflow.MlflowClient()
+    prefix = f"{registry.T}.metric."
+    for key, value in version.tags.items():
+        if key.startswith(prefix):
+            client.log_metric(model_run_id, f"production_{key.removeprefix(prefix)}", float(value))
+    client.set_tag(model_run_id, f"{tracking.TAG}.production_version", str(version.version))
 
 

@@ -93,7 +93,7 @@ def test_fleet_runs_tracks_records_and_reruns_nothing(project):
     assert doc["pareto_front"] and all(doc["variants"][n]["pareto"] for n in doc["pareto_front"])
     assert sorted((m.strip(), v.strip().removesuffix(" *")) for m, v in rows) == sorted(
         (m, v) for m in ("digits-mlp", "cancer-mlp") for v in VARIANTS)
-    assert (project / "reports" / "digits-mlp-pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (project / "reports" / "plots" / "digits-mlp-pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _dvc_status(project) == {}
 
     # a rerun with nothing changed trains nothing

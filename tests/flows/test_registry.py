@@ -101,6 +101,26 @@ def test_04_changed_param_makes_a_second_version(nightly):
     assert "v1" in history and "v2" in history and history.count("promote") >= 2
 
 
+def test_04b_report_rebuilds_from_mlflow_with_trends(nightly):
+    import pandas as pd
+
+    for stale in (nightly.root / "reports").rglob("*.*"):
+        stale.unlink()
+    out = nightly.run("report", "--since", "1d", "--model", MODEL)
+    assert "pruned-int8" in out and "fleet.html" in out
+    trends = pd.read_csv(nightly.root / "reports" / "trends.csv")
+    assert trends["version"].tolist() == [1, 1, 2]  # what production served after each of the three nights
+    for kind in ("pareto", "waterfall", "trend"):
+        assert (nightly.root / "reports" / "plots" / f"{MODEL}-{kind}.png").read_bytes()[:4] == b"\x89PNG"
+    # The run itself logged its report (Markdown, HTML, plots) to the fleet's parent run.
+    client = MlflowClient()
+    fleet_run = client.search_runs([client.get_experiment_by_name("shrinkfleet/tiny").experiment_id],
+                                   "tags.`shrinkfleet.kind` = 'fleet'", order_by=["attributes.start_time DESC"])[0]
+    logged = {f.path for f in client.list_artifacts(fleet_run.info.run_id, "report")}
+    assert {"report/fleet.md", "report/fleet.html", "report/plots"} <= logged
+    nightly.run("report", "--since", "7y", code=2)  # a bad window is refused before any work
+
+
 def test_05_lineage_links_resolve(nightly):
     info = json.loads(nightly.run("lineage", f"{MODEL}@production", "--json"))
     assert info["version"] == "2" and "production" in info["aliases"]

@@ -1,0 +1,167 @@
+"""The report builder on a fixture of MLflow runs: numbers, plots, HTML, trends, DVC plots."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from shrinkfleet import report
+from shrinkfleet.metrics import METRICS
+from shrinkfleet.workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _variant(acc: float, size: float, coded: float, fmt: str, parent: str | None, sparsity: float = 0.0) -> dict:
+    metrics = {m: 0.0 for m in METRICS}
+    metrics |= {"accuracy": acc, "size_bytes": size, "coded_bytes": coded, "sparsity": sparsity,
+                "accuracy_drop": 0.98 - acc, "compression_ratio": 200_000 / size, "coded_ratio": 200_000 / coded}
+    return {"metrics": metrics, "format": fmt, "parent": parent}
+
+
+# Two nights of one model: night 2 prunes harder (smaller, slightly less accurate).
+NIGHTS = {
+    1: {"teacher": _variant(0.98, 200_000, 180_000, "keras", None),
+        "student": _variant(0.97, 20_000, 18_000, "keras", "teacher"),
+        "pruned": _variant(0.96, 20_000, 6_000, "keras", "student", 0.8),
+        "pruned-int8": _variant(0.955, 8_000, 3_000, "tflite", "pruned", 0.8),
+        "pruned-clustered": _variant(0.96, 20_000, 2_500, "tflite", "pruned", 0.8)},
+    2: {"teacher": _variant(0.98, 200_000, 180_000, "keras", None),
+        "student": _variant(0.97, 20_000, 18_000, "keras", "teacher"),
+        "pruned": _variant(0.95, 20_000, 4_000, "keras", "student", 0.9),
+        "pruned-int8": _variant(0.945, 8_000, 2_000, "tflite", "pruned", 0.9),
+        "pruned-clustered": _variant(0.95, 20_000, 1_800, "tflite", "pruned", 0.9)},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """An MLflow store holding two fleet runs of ``digits-mlp`` laid out as shrinkfleet logs them (read-only)."""
+    tmp_path = tmp_path_factory.mktemp("mlflow")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = MlflowClient().create_experiment("shrinkfleet/fixture", artifact_location=(tmp_path / "art").as_uri())
+    mlflow.set_experiment(experiment_id=exp)
+    for night, variants in NIGHTS.items():
+        model_tags = {"shrinkfleet.kind": "model", "shrinkfleet.model": "digits-mlp",
+                      "shrinkfleet.production_version": str(night)}
+        with (mlflow.start_run(run_name=f"fleet-{night}", tags={"shrinkfleet.kind": "fleet"}),
+              mlflow.start_run(run_name="digits-mlp", nested=True, tags=model_tags)):
+            best = variants["pruned-clustered"]["metrics"]
+            mlflow.log_metrics({"production_accuracy": best["accuracy"],
+                                "production_coded_bytes": best["coded_bytes"]})
+            for name, v in variants.items():
+                with mlflow.start_run(run_name=f"digits-mlp/{name}", nested=True, tags={
+                    "shrinkfleet.kind": "variant", "shrinkfleet.variant": name, "shrinkfleet.format": v["format"],
+                    "shrinkfleet.recipe": name, "shrinkfleet.parent_variant": v["parent"] or "",
+                }):
+                    mlflow.log_metrics(v["metrics"])
+    yield exp
+    mlflow.set_tracking_uri("")
+
+
+def test_docs_come_from_each_models_latest_run(store):
+    docs = report.docs_from_mlflow(store)
+    assert list(docs) == ["digits-mlp"]
+    doc = docs["digits-mlp"]
+    assert set(doc["variants"]) == set(NIGHTS[2])
+    assert doc["variants"]["pruned-int8"]["coded_bytes"] == 2_000  # night 2, not night 1
+    assert doc["variants"]["pruned"]["parent"] == "student"
+    # Pareto over (accuracy up, coded bytes down): clustered beats int8 on both; pruned is dominated by it.
+    assert doc["pareto_front"] == ["pruned-clustered", "student", "teacher"]
+    assert report.best_variant(doc) == "pruned-clustered"
+
+
+def test_since_leaves_out_older_runs(store):
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    assert report.docs_from_mlflow(store, since=future) == {}
+    assert report.docs_from_mlflow(store, models=["other"]) == {}
+
+
+def test_trends_hold_what_production_served_after_each_run(store):
+    trends = report.trends_from_mlflow(store)
+    assert list(trends["version"]) == [1, 2]
+    assert list(trends["coded_bytes"]) == [2_500, 1_800]
+    assert trends["accuracy"].tolist() == pytest.approx([0.96, 0.95])
+    assert report.trends_from_mlflow(store, last=1)["version"].tolist() == [2]
+
+
+def test_waterfall_goes_from_teacher_to_coded():
+    doc = {"model": "m", "variants": {n: {**v["metrics"], "format": v["format"], "parent": v["parent"]}
+                                      for n, v in NIGHTS[1].items()},
+           "pareto_front": ["pruned-clustered", "student", "teacher"]}
+    steps = report.waterfall(doc)
+    assert [s for s, _, _ in steps] == ["teacher", "student", "pruned", "quantized", "coded"]
+    assert [b for _, b, _ in steps] == [200_000, 20_000, 20_000, 20_000, 2_500]
+    assert "80% zeros" in steps[2][2] and steps[4][2].startswith("pruned-clustered")
+
+
+def test_report_files_have_the_right_numbers_and_valid_plots(store, tmp_path):
+    import matplotlib.image
+
+    docs = report.docs_from_mlflow(store)
+    trends = report.trends_from_mlflow(store)
+    ws = Workspace(tmp_path / "project")
+    md = report.write_report(ws, docs, {"cnn": "prune failed: OOM"}, {"fleet": "fixture"}, trends=trends)
+    text = md.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| digits-mlp") and "pruned-int8" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "94.50"  # accuracy %
+    assert cells[4] == "8,000" and cells[5] == "25.0x"  # bytes, ratio vs the 200,000-byte teacher
+    assert cells[6] == "2,000" and cells[7] == "100.0x"  # coded bytes, coded ratio
+    assert "**cnn**: prune failed: OOM" in text
+    plots = sorted((ws.reports / "plots").glob("*.png"))
+    assert [p.name for p in plots] == ["digits-mlp-pareto.png", "digits-mlp-trend.png", "digits-mlp-waterfall.png"]
+    for png in plots:
+        assert png.read_bytes()[:8] == PNG
+        h, w, _ = matplotlib.image.imread(png).shape
+        assert h > 200 and w > 400
+        assert f"(plots/{png.name})" in text
+    page = (ws.reports / "fleet.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 3
+    assert not re.search(r"""(src|href)=['"](?!data:)""", page)  # self-contained: nothing fetched
+    assert "<td>94.50</td>" in page and "prune failed: OOM" in page
+    csv = pd.read_csv(ws.reports / "variants.csv")
+    assert csv.set_index("variant").loc["pruned-clustered", "coded_bytes"] == 1_800
+    assert len(pd.read_csv(ws.reports / "trends.csv")) == 2
+
+
+def test_dvc_plots_show_renders_the_report(store, tmp_path, tiny_params):
+    import yaml
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params))
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
+    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    report.write_report(Workspace(project), report.docs_from_mlflow(store), {}, {},
+                        trends=report.trends_from_mlflow(store))
+    out = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots-html"], cwd=project,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "failed to load" not in out.stdout + out.stderr
+    page = (project / "plots-html" / "index.html").read_text()
+    assert "accuracy-vs-coded-bytes" in page or "Every variant" in page
+    static = sorted(p.name for p in (project / "plots-html" / "static").glob("*.png"))
+    assert len(static) == 3 and all("digits-mlp" in n for n in static)
+
+
+@pytest.mark.parametrize(("text", "span"), [("30m", dt.timedelta(minutes=30)), ("12h", dt.timedelta(hours=12)),
+                                             ("7d", dt.timedelta(days=7)), ("2w", dt.timedelta(weeks=2))])
+def test_since_accepts_a_number_and_a_unit(text, span):
+    assert report.parse_since(text) == span
+
+
+@pytest.mark.parametrize("text", ["7", "0d", "d", "7y", "-1d", ""])
+def test_since_refuses_anything_else(text):
+    with pytest.raises(ValueError, match="e.g. 30m, 12h, 7d or 2w"):
+        report.parse_since(text)
