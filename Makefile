@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test venv lint clean help
+.PHONY: run test bench venv lint clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -27,6 +27,14 @@ run: venv  ## run the default fleet (params.yaml) and print the report
 
 test: venv  ## run the whole test suite (slow end-to-end tests included)
 	$(BIN)/python -m pytest -ra
+
+bench: venv  ## every benchmark in bench/ (tables on screen, JSON in bench/results/; about 25 minutes on 2 cores)
+	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/orchestration.py
+	$(BIN)/python bench/noop.py
+	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/compression.py
 
 lint: venv  ## ruff: style and import order
 	$(BIN)/ruff check .

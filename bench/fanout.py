@@ -1,0 +1,56 @@
+"""Fan-out: the same fleet of small models with 1 and with 2 parallel worker processes.
+
+    python bench/fanout.py            # 8 models, 3 repetitions of each (about 6 minutes on 2 cores)
+    python bench/fanout.py --quick    # 3 models, 1 repetition (CI smoke run)
+
+Each repetition is a fresh project, run as a user would (`shrinkfleet run --no-dvc --workers N`),
+so every stage trains. Goal: 2 workers at least 1.7x faster than 1 on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import make_project, median, print_table, run_cli, tiny_fleet, verdict, write_results
+
+GOAL = 1.7
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 models, 1 repetition")
+    ap.add_argument("--models", type=int, default=None, help="fleet size (default 8, quick 3)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per worker count (default 3, quick 1)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/fanout.json)")
+    args = ap.parse_args(argv)
+    n = args.models or (3 if args.quick else 8)
+    reps = args.reps or (1 if args.quick else 3)
+    seconds: dict[int, list[float]] = {1: [], 2: []}
+    with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
+        for rep in range(reps):
+            for workers in (1, 2):
+                project = make_project(Path(tmp) / f"w{workers}-r{rep}", tiny_fleet(n), dvc=False)
+                t = run_cli(project, "run", "--no-dvc", "--workers", str(workers))
+                seconds[workers].append(t.seconds)
+                print(f"rep {rep + 1}/{reps}, {workers} worker(s): {t.seconds:.1f} s", flush=True)
+    one, two = median(seconds[1]), median(seconds[2])
+    speedup = one / two
+    rows = [{"workers": w, "median s": f"{median(s):.1f}", "runs s": ", ".join(f"{x:.1f}" for x in s)}
+            for w, s in seconds.items()]
+    print_table(rows, f"Fan-out: {n} small models, {reps} repetition(s) each")
+    print(f"\nspeedup 2 vs 1 worker: {speedup:.2f}x (goal >= {GOAL}x: {verdict(speedup >= GOAL)})")
+    path = write_results("fanout", {
+        "quick": args.quick, "models": n, "repetitions": reps,
+        "seconds": {str(w): s for w, s in seconds.items()},
+        "median_seconds": {"1": one, "2": two}, "speedup": speedup, "goal": GOAL, "meets_goal": speedup >= GOAL,
+    }, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
