@@ -354,9 +354,10 @@ STORAGE_ENV: dict[str, tuple[str, ...]] = {
     "endpoint_url": ("SHRINKFLEET_S3_ENDPOINT_URL",),
     "region": ("SHRINKFLEET_S3_REGION",),
 }
+# No region fallback: boto3 and DVC read AWS_REGION/AWS_DEFAULT_REGION themselves, and a
+# region taken from one machine's environment must not be written into the committed .dvc/config.
 STORAGE_ENV_FALLBACK: dict[str, tuple[str, ...]] = {
     "endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
-    "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
 }
 
 
@@ -378,7 +379,9 @@ class StorageConfig(_Strict):
         None, pattern=r"^https?://[^\s/]+(/\S*)?$",
         description="S3 API endpoint of MinIO or another S3-compatible store; None = AWS S3.",
     )
-    region: str | None = Field(None, pattern=r"^[a-z0-9-]+$", description="Bucket region; None = boto3's default.")
+    region: str | None = Field(
+        None, pattern=r"^[a-z0-9-]+$", description="Bucket region; None = boto3's default (AWS_DEFAULT_REGION)."
+    )
 
     @field_validator("s3_prefix", mode="before")
     @classmethod

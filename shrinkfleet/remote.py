@@ -115,8 +115,9 @@ def ensure_bucket(loc: S3Location, create: bool = True) -> bool:
     if not create:
         raise RemoteError(f"bucket {loc.bucket} does not exist at {loc.endpoint_url or 'AWS'}")
     kwargs: dict[str, Any] = {"Bucket": loc.bucket}
-    if loc.region and loc.region != "us-east-1":  # us-east-1 rejects an explicit LocationConstraint
-        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": loc.region}
+    region = loc.region or s3.meta.region_name
+    if region and region != "us-east-1":  # us-east-1 rejects an explicit LocationConstraint
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
     try:
         s3.create_bucket(**kwargs)
     except botocore.exceptions.ClientError as exc:

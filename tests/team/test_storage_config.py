@@ -71,6 +71,8 @@ def test_params_alone_give_the_location():
                  remote.S3Location("bkt", "shrinkfleet", "https://env:4"), id="shrinkfleet-endpoint-beats-params"),
     pytest.param({"s3_bucket": "bkt"}, {"AWS_DEFAULT_REGION": "us-west-2", "SHRINKFLEET_S3_REGION": "eu-north-1"},
                  remote.S3Location("bkt", "shrinkfleet", None, "eu-north-1"), id="region-override"),
+    pytest.param({"s3_bucket": "bkt"}, {"AWS_DEFAULT_REGION": "us-west-2"},
+                 remote.S3Location("bkt", "shrinkfleet"), id="aws-region-left-to-boto3"),
 ])
 def test_environment_overrides(storage, env, expected):
     assert remote.location(StorageConfig(**storage), environ=env) == expected
