@@ -19,7 +19,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from shrinkfleet import report, tracking, versioning
+from shrinkfleet import remote, report, tracking, versioning
 from shrinkfleet.config import ConfigError, load_params, select_models
 from shrinkfleet.datasets import DatasetError
 from shrinkfleet.workspace import Workspace
@@ -104,7 +104,8 @@ def fleet_flow(
             "retry_condition_fn": _transient}
     common = {"root": str(root_p), "params_file": str(params_p), "use_dvc": use_dvc, "force": force}
 
-    experiment_id = tracking.setup(root_p, fleet.fleet)
+    storage = remote.activate(fleet.storage)  # S3 endpoint for MLflow's artifact client; None = local storage
+    experiment_id = tracking.setup(root_p, fleet.fleet, artifact_root=storage.mlflow_url if storage else None)
     tags = {
         "git_sha": tracking.git_sha(root_p),
         "trigger": trigger,

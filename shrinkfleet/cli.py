@@ -122,6 +122,7 @@ def run(
     problems = preflight(fleet, params, root, names)
     if problems:
         _fail("cannot start:\n  " + "\n  ".join(problems))
+    _remote_storage(fleet, root)  # credentials, bucket, DVC remote: checked before any work
     from shrinkfleet import versioning
 
     use_dvc = not no_dvc
@@ -547,6 +548,67 @@ def restore(
     for rel, md5 in files:
         console.print(f"  {md5}  {rel}", highlight=False)
     console.print(f"{model} v{mv.version}: restored {len(files)} file(s) into {out} (md5 verified)")
+
+
+# ----------------------------------------------------------------------------- remote storage
+
+
+def _remote_storage(fleet: Any, root: Path, create_bucket: bool = True, required: bool = False) -> Any:
+    """The S3 location from storage: / SHRINKFLEET_S3_*, made ready (credentials, bucket, DVC remote), or None.
+
+    Exits with code 2, naming the cause, when it cannot be used (or is missing and ``required``).
+    """
+    from shrinkfleet import remote
+    from shrinkfleet.config import ConfigError
+
+    try:
+        loc = remote.location(fleet.storage)
+        if loc is None:
+            if required:
+                _fail("no remote storage configured: set storage.s3_bucket in params.yaml or SHRINKFLEET_S3_BUCKET "
+                      "(plus storage.endpoint_url or SHRINKFLEET_S3_ENDPOINT_URL for MinIO)")
+            return None
+        remote.prepare(root, loc, create_bucket=create_bucket)
+        remote.activate(fleet.storage)
+    except (ConfigError, remote.RemoteError) as exc:
+        _fail(f"remote storage: {exc}")
+    return loc
+
+
+@app.command()
+def push(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
+    """Send every DVC-tracked dataset and artifact to the S3 remote (dvc push); creates the bucket if missing."""
+    from shrinkfleet import remote, versioning
+
+    root, params = _paths(root, params)
+    fleet = _load(params)
+    if not versioning.is_dvc_repo(root):
+        _fail(f"{root}: not a DVC project (no .dvc/ or dvc.yaml); nothing to push")
+    loc = _remote_storage(fleet, root, create_bucket=True, required=True)
+    try:
+        n = remote.push(root)
+    except remote.RemoteError as exc:
+        _fail(str(exc), code=1)
+    console.print(f"pushed {n} file(s) to {loc.dvc_url}", highlight=False)
+
+
+@app.command()
+def pull(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
+    """Fetch and check out every DVC-tracked dataset and artifact from the S3 remote (dvc pull), e.g. in a clone."""
+    from shrinkfleet import remote, versioning
+
+    root, params = _paths(root, params)
+    fleet = _load(params)
+    if not versioning.is_dvc_repo(root):
+        _fail(f"{root}: not a DVC project (no .dvc/ or dvc.yaml); nothing to pull")
+    loc = _remote_storage(fleet, root, create_bucket=False, required=True)
+    try:
+        stats = remote.pull(root)
+    except remote.RemoteError as exc:
+        _fail(str(exc), code=1)
+    console.print(f"pulled from {loc.dvc_url}: {len(stats.get('fetched', []) or [])} object(s) fetched, "
+                  f"{len(stats.get('added', []) or [])} added, {len(stats.get('modified', []) or [])} modified",
+                  highlight=False)
 
 
 def main() -> None:  # pragma: no cover

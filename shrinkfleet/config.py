@@ -342,6 +342,82 @@ class RunConfig(_Strict):
     mixed_precision: bool = Field(False, description="Train in mixed_float16 on GPUs (ignored on CPU).")
 
 
+# ----------------------------------------------------------------------------- storage
+
+# Keys that smell of a secret: credentials come from the environment or an AWS profile only.
+CREDENTIAL_KEY = re.compile(r"(access_?key|secret|password|passwd|token|credential|session)", re.IGNORECASE)
+# Where each storage setting may be overridden, first match wins (the env beats params.yaml;
+# AWS's own endpoint variables only fill in when neither names an endpoint).
+STORAGE_ENV: dict[str, tuple[str, ...]] = {
+    "s3_bucket": ("SHRINKFLEET_S3_BUCKET",),
+    "s3_prefix": ("SHRINKFLEET_S3_PREFIX",),
+    "endpoint_url": ("SHRINKFLEET_S3_ENDPOINT_URL",),
+    "region": ("SHRINKFLEET_S3_REGION",),
+}
+# No region fallback: boto3 and DVC read AWS_REGION/AWS_DEFAULT_REGION themselves, and a
+# region taken from one machine's environment must not be written into the committed .dvc/config.
+STORAGE_ENV_FALLBACK: dict[str, tuple[str, ...]] = {
+    "endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+}
+
+
+class StorageConfig(_Strict):
+    """Remote storage on S3 or an S3-compatible store (MinIO): the DVC remote and MLflow's artifacts.
+
+    Credentials never go here: boto3 reads them from the environment or an AWS profile.
+    """
+
+    s3_bucket: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+        description="Bucket for the DVC remote and MLflow artifacts; None = no remote storage (all local).",
+    )
+    s3_prefix: str = Field(
+        "shrinkfleet", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
+        description="Folder in the bucket: DVC objects under <prefix>/dvc, MLflow artifacts under <prefix>/mlflow.",
+    )
+    endpoint_url: str | None = Field(
+        None, pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="S3 API endpoint of MinIO or another S3-compatible store; None = AWS S3.",
+    )
+    region: str | None = Field(
+        None, pattern=r"^[a-z0-9-]+$", description="Bucket region; None = boto3's default (AWS_DEFAULT_REGION)."
+    )
+
+    @field_validator("s3_prefix", mode="before")
+    @classmethod
+    def _strip_slashes(cls, v: Any) -> Any:
+        return v.strip("/") if isinstance(v, str) else v
+
+    def with_env(self, environ: dict[str, str] | None = None) -> StorageConfig:
+        """These settings with the environment's overrides applied (``SHRINKFLEET_S3_*``, then AWS's own).
+
+        Raises:
+            ConfigError: an environment variable holds a bad value; the message names the variable.
+        """
+        import os
+
+        env = os.environ if environ is None else environ
+        values = self.model_dump()
+        source = {k: f"storage.{k}" for k in values}
+        for key, names in STORAGE_ENV.items():
+            for name in names:
+                if env.get(name):
+                    values[key], source[key] = env[name], name
+                    break
+        for key, names in STORAGE_ENV_FALLBACK.items():
+            if values[key] is None:
+                for name in names:
+                    if env.get(name):
+                        values[key], source[key] = env[name], name
+                        break
+        try:
+            return StorageConfig.model_validate(values)
+        except ValidationError as exc:
+            problems = [f"{source[str(e['loc'][0])]}: {e['msg'].replace('String should', 'must')}"
+                        for e in exc.errors()]
+            raise ConfigError("invalid storage setting\n  " + "\n  ".join(problems)) from None
+
+
 # ----------------------------------------------------------------------------- per model
 
 
@@ -441,6 +517,7 @@ class FleetConfig(_Strict):
     search: SearchConfig = SearchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
+    storage: StorageConfig = StorageConfig()
     datasets: dict[str, DatasetSpec] = Field(description="Datasets by name.")
     models: dict[str, ModelSpec] = Field(description="The fleet: models by name.")
 
@@ -595,6 +672,12 @@ def load_params(path: Path | str) -> FleetConfig:
 
 def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> FleetConfig:
     """Validate an already-parsed params mapping (see :func:`load_params`)."""
+    secrets = credential_keys(raw)
+    if secrets:
+        raise ConfigError(
+            f"{source}: credentials do not belong in the fleet definition (it is committed to git and logged)\n  "
+            + "\n  ".join(f"{key}: remove it; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
+                           "in the environment instead" for key in secrets))
     try:
         fleet = FleetConfig.model_validate(raw)
     except ValidationError as exc:
@@ -614,6 +697,15 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> FleetConfi
     if problems:
         raise ConfigError(f"{source}: invalid fleet definition\n  " + "\n  ".join(problems))
     return fleet
+
+
+def credential_keys(raw: dict[str, Any]) -> list[str]:
+    """Key paths that look like credentials, at the top level or under ``storage:`` (values are never read)."""
+    found = [str(k) for k in raw if CREDENTIAL_KEY.search(str(k))]
+    storage = raw.get("storage")
+    if isinstance(storage, dict):
+        found += [f"storage.{k}" for k in storage if CREDENTIAL_KEY.search(str(k))]
+    return found
 
 
 def resolve_path(value: str, base: Path) -> Path:

@@ -51,8 +51,15 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
-def setup(root: Path, fleet_name: str) -> str:
-    """Point MLflow at the project's store and return the fleet's experiment id (created if new)."""
+def setup(root: Path, fleet_name: str, artifact_root: str | None = None) -> str:
+    """Point MLflow at the project's store and return the fleet's experiment id (created if new).
+
+    Args:
+        artifact_root: where a *new* experiment keeps its artifacts when the store is the
+            embedded SQLite one (``s3://<bucket>/<prefix>/mlflow`` with remote storage; the
+            experiment's folder is ``<artifact_root>/<fleet>``). An MLflow server decides
+            that itself, and an existing experiment keeps its own.
+    """
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     name = f"shrinkfleet/{fleet_name}"
@@ -62,7 +69,9 @@ def setup(root: Path, fleet_name: str) -> str:
         experiment_id = exp.experiment_id
     else:
         location = None
-        if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT"):
+        if uri.startswith("sqlite:") and artifact_root:
+            location = f"{artifact_root.rstrip('/')}/{fleet_name}"
+        elif uri.startswith("sqlite:") and not os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT"):
             location = (root / "mlartifacts").resolve().as_uri()
         experiment_id = client.create_experiment(name, artifact_location=location)
     # Nested runs take the active experiment, not their parent's: make it the fleet's.

@@ -121,3 +121,8 @@ def lock_entry(root: Path, stage: str) -> dict[str, Any]:
 def out_hashes(root: Path, stage: str) -> dict[str, str]:
     """``{path: md5}`` of a stage's recorded outputs (directories end in ``.dir``)."""
     return {o["path"]: o.get("md5", "") for o in lock_entry(root, stage).get("outs", [])}
+
+
+def repo(root: Path) -> contextlib.AbstractContextManager[Any]:
+    """The project's DVC repo, opened under the same lock as the stage bookkeeping (for push/pull/config)."""
+    return _repo(root)
