@@ -74,8 +74,8 @@ def resolve_run(run: RunConfig, workers: int | None = None, engine: str | None =
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"run.{key}: {msg} (got {err.get('input')!r})") from None
+        msg = str(err["msg"]).removeprefix("Value error, ").replace("Input should be", "must be")
+        raise ConfigError(f"run.{key}: {msg}") from None
 
 
 def task_runner(run: RunConfig) -> TaskRunner:

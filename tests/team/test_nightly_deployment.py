@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
@@ -172,3 +173,32 @@ def test_nightly_deployment_is_scheduled_run_by_a_worker_and_tagged_schedule(tmp
         assert len(runs) == 2
         assert runs[1].data.tags["trigger"] == "manual"
         assert runs[1].data.tags["prefect_deployment_id"] == ""
+
+
+def test_shrinkfleet_schedule_serves_the_fleet_on_the_cron_in_its_time_zone(tmp_path):
+    from prefect.exceptions import ObjectNotFound
+
+    project = make_project(tmp_path / "project", quick_params(("digits-mlp",)), dvc=False)
+    exe = str(Path(sys.executable).with_name("shrinkfleet"))
+    with prefect_server_for_schedules(tmp_path) as api, prefect_client(api) as client:
+
+        def deployed() -> bool:
+            try:
+                return bool(client.read_deployment_by_name("shrinkfleet-fleet/berlin").schedules)
+            except ObjectNotFound:
+                return False
+
+        env = {**_server_env(tmp_path / "client-home"), "PREFECT_API_URL": api}
+        with serve([exe, "schedule", "--cron", "30 1 * * *", "--timezone", "Europe/Berlin", "--models", "digits-mlp",
+                    "--name", "berlin", "--root", str(project)], tmp_path / "schedule.log", deployed,
+                   "shrinkfleet schedule", env=env, cwd=tmp_path, timeout=120):
+            deployment = client.read_deployment_by_name("shrinkfleet-fleet/berlin")
+            assert deployment.parameters == {"params_file": str(project / "params.yaml"), "root": str(project),
+                                             "models": ["digits-mlp"]}
+            wait_until(lambda: len(_scheduled_runs(client, deployment.id)) >= 3, 60, "scheduled runs")
+            runs = _scheduled_runs(client, deployment.id)
+            local = [r.expected_start_time.astimezone(ZoneInfo("Europe/Berlin")) for r in runs]
+            # 01:30 Berlin time every night, whatever the UTC offset of the day (CET or CEST)
+            assert all((t.hour, t.minute) == (1, 30) for t in local), local
+            assert [t.date() for t in local] == [local[0].date() + dt.timedelta(days=i) for i in range(len(local))]
+            assert all(r.auto_scheduled and r.parameters == deployment.parameters for r in runs)
