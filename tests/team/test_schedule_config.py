@@ -155,3 +155,19 @@ def test_params_yaml_keeps_the_process_pool_by_default():
 def test_a_flow_called_directly_is_manual_unless_told():
     assert detect_trigger() == "manual"
     assert detect_trigger("backfill") == "backfill"
+
+
+@pytest.mark.parametrize(("deployment_id", "auto_scheduled", "expected"), [
+    ("5f0c1a52-1111-4d2e-9a55-0b7f6c9f1e11", True, "schedule"),     # the scheduler created it
+    ("5f0c1a52-1111-4d2e-9a55-0b7f6c9f1e11", False, "deployment"),  # prefect deployment run, UI, automation
+    (None, False, "manual"),                                         # the flow called directly
+])
+def test_trigger_follows_the_flow_runs_origin(monkeypatch, deployment_id, auto_scheduled, expected):
+    from types import SimpleNamespace
+
+    from prefect.context import FlowRunContext
+
+    run = SimpleNamespace(deployment_id=deployment_id, auto_scheduled=auto_scheduled)
+    monkeypatch.setattr(FlowRunContext, "get", classmethod(lambda cls: SimpleNamespace(flow_run=run)))
+    assert detect_trigger() == expected
+    assert detect_trigger("backfill") == "backfill"
