@@ -96,12 +96,25 @@ def _variants_of(project: Path, fleet_run_id: str, model: str) -> set[str]:
     return {r.data.tags["shrinkfleet.variant"] for r in variants}
 
 
+def _stage_workers(project: Path, fleet_run_id: str) -> dict[str, str]:
+    """``{stage: worker}`` of the one model run under a fleet run (tags ``shrinkfleet.worker.<stage>``)."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    exp = client.get_experiment_by_name("shrinkfleet/tiny")
+    (model_run,) = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`shrinkfleet.kind` = 'model' and tags.`mlflow.parentRunId` = '{fleet_run_id}'")
+    prefix = "shrinkfleet.worker."
+    return {k.removeprefix(prefix): v for k, v in model_run.data.tags.items() if k.startswith(prefix)}
+
+
 def _tail(path: Path, lines: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
 
 
 def test_nightly_deployment_is_scheduled_run_by_a_worker_and_tagged_schedule(tmp_path):
-    project = make_project(tmp_path / "project", quick_params(("digits-mlp",)))
+    params = quick_params(("digits-mlp",))
+    params["run"]["workers"] = 1  # not the flow's default: the deployment run must read it from params.yaml
+    project = make_project(tmp_path / "project", params)
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     (dep_spec,) = spec["deployments"]
     dep_spec["parameters"]["models"] = ["digits-mlp"]
@@ -162,6 +175,8 @@ def test_nightly_deployment_is_scheduled_run_by_a_worker_and_tagged_schedule(tmp
         assert tags["trigger"] == "schedule"
         assert tags["prefect_flow_run_id"] == str(due.id)
         assert tags["prefect_deployment_id"] == str(deployment.id)
+        assert (tags["shrinkfleet.engine"], tags["shrinkfleet.workers"]) == ("process", "1")
+        assert len(set(_stage_workers(project, scheduled.info.run_id).values())) == 1  # one worker process
         assert _variants_of(project, scheduled.info.run_id, "digits-mlp") == {
             "teacher", "student", "pruned", "pruned-float32", "pruned-int8"}
 
