@@ -171,3 +171,19 @@ def test_trigger_follows_the_flow_runs_origin(monkeypatch, deployment_id, auto_s
     monkeypatch.setattr(FlowRunContext, "get", classmethod(lambda cls: SimpleNamespace(flow_run=run)))
     assert detect_trigger() == expected
     assert detect_trigger("backfill") == "backfill"
+
+
+def test_task_runner_follows_the_engine():
+    from prefect.task_runners import ProcessPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.fleet import task_runner
+
+    pool = task_runner(RunConfig(workers=3))
+    assert isinstance(pool, ProcessPoolTaskRunner) and pool._max_workers == 3
+    local = task_runner(RunConfig(engine="dask", workers=3))
+    assert isinstance(local, DaskTaskRunner) and local.address is None
+    # processes with one thread each: TensorFlow's state is per process
+    assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "processes": True}
+    remote = task_runner(RunConfig(engine="dask", dask_address="tcp://10.0.0.5:8786"))
+    assert remote.address == "tcp://10.0.0.5:8786"
