@@ -41,7 +41,7 @@ def context(root: str | Path, params_file: str | Path | None = None) -> StageCon
 
 def worker_id() -> str:
     """Who runs this stage: the Dask worker's address inside a Dask worker, else ``host:pid``."""
-    if "distributed" in sys.modules:  # only a Dask worker has it loaded; never import it here
+    if "distributed" in sys.modules:  # a process-pool worker never loads Dask: do not import it there
         from distributed import get_worker
 
         try:
