@@ -3,7 +3,12 @@ compress (recipes) > evaluate, in parallel worker processes, then tracked in MLf
 
 Stages are Prefect tasks (retried on transient failures; training ones tagged ``gpu``)
 that DVC skips when up to date and records when they ran. TensorFlow keeps global state
-per process, so tasks run in a process pool (``run.workers`` processes), never threads.
+per process, so tasks run in worker processes, never threads: a local process pool of
+``run.workers`` processes (``run.engine: process``), or a Dask cluster through prefect-dask
+(``run.engine: dask``), either an existing one (``run.dask_address``) or a local one of
+``run.workers`` processes with one thread each. The flow builds that task runner itself from
+params.yaml and its parameters, so a deployment run (which calls ``fleet_flow`` directly) and
+``shrinkfleet run`` execute the same way. Every stage result names the worker that ran it.
 A model whose stage fails for good stops there; the others go on, and the run reports
 which model failed at which stage.
 """
@@ -13,14 +18,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.futures import PrefectFuture, as_completed
-from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from shrinkfleet import remote, report, tracking, versioning
-from shrinkfleet.config import ConfigError, load_params, select_models
+from shrinkfleet.config import ConfigError, RunConfig, load_params, select_models
 from shrinkfleet.datasets import DatasetError
 from shrinkfleet.workspace import Workspace
 from tasks import register
@@ -42,6 +47,67 @@ STAGE_NAMES = ("prepare", *(name for name, _ in MODEL_TASKS))
 
 # The CLI sets this to draw progress; a deployment run falls back to printing.
 progress_hook: Callable[[dict[str, Any]], None] | None = None
+ENGINES = ("process", "dask")
+
+
+def resolve_run(run: RunConfig, workers: int | None = None, engine: str | None = None,
+                dask_address: str | None = None) -> RunConfig:
+    """``run:`` of params.yaml with the command line's (or deployment's) overrides, validated again.
+
+    A Dask address alone implies ``engine: dask``.
+
+    Raises:
+        ConfigError: naming ``run.<key>`` when an override is not allowed.
+    """
+    from pydantic import ValidationError
+
+    updates: dict[str, Any] = {}
+    if workers is not None:
+        updates["workers"] = workers
+    if dask_address is not None:
+        updates["dask_address"] = dask_address
+        updates["engine"] = "dask"
+    if engine is not None:
+        updates["engine"] = engine
+    try:
+        return RunConfig.model_validate({**run.model_dump(), **updates})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ").replace("Input should be", "must be")
+        raise ConfigError(f"run.{key}: {msg}") from None
+
+
+def task_runner(run: RunConfig) -> TaskRunner:
+    """The task runner ``run:`` asks for; every worker is a process with one stage at a time."""
+    if run.engine == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if run.dask_address:
+            return DaskTaskRunner(address=run.dask_address)
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
+            "n_workers": run.workers, "threads_per_worker": 1, "processes": True})
+    return ProcessPoolTaskRunner(max_workers=run.workers)
+
+
+def detect_trigger(explicit: str | None = None) -> str:
+    """What started this flow run, as recorded in the MLflow tag ``trigger``.
+
+    ``explicit`` (``shrinkfleet run --trigger``, or a ``trigger`` parameter) wins. Otherwise:
+    ``schedule`` for a deployment run that Prefect's scheduler created from the deployment's
+    schedule (the flow run's ``auto_scheduled`` flag), ``deployment`` for any other run of a
+    deployment (``prefect deployment run``, the UI's Run button, an automation), and ``manual``
+    for a flow called directly.
+    """
+    if explicit:
+        return explicit
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx else None
+    if run is None or run.deployment_id is None:
+        return "manual"
+    return "schedule" if run.auto_scheduled else "deployment"
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -61,6 +127,7 @@ def _emit(event: dict[str, Any]) -> None:
         return
     status = event["status"]
     extra = f" ({event['seconds']:.1f}s)" if "seconds" in event else ""
+    extra += f" on {event['worker']}" if event.get("worker") else ""
     detail = f": {event['error']}" if event.get("error") else ""
     print(f"{event['target']:<24} {event['stage']:<9} {status}{extra}{detail}")
 
@@ -81,23 +148,40 @@ def _outcome(future: PrefectFuture) -> tuple[str, Any]:
     return "failed", str(state.message or state.name)
 
 
-@flow(name="shrinkfleet-fleet", log_prints=True, task_runner=ProcessPoolTaskRunner(max_workers=2))
+# The flow's own task runner only carries the flow; stages go to the runner built from
+# params.yaml inside the run (see ``task_runner``), which a decorator argument could not read.
+@flow(name="shrinkfleet-fleet", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def fleet_flow(
     params_file: str = "params.yaml",
     root: str = ".",
     models: list[str] | None = None,
     force: bool = False,
     use_dvc: bool = True,
-    trigger: str = "manual",
+    trigger: str | None = None,
+    workers: int | None = None,
+    engine: Literal["process", "dask"] | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
-    """Compress every selected fleet member, track every variant, write the fleet report."""
-    from prefect.runtime import flow_run
+    """Compress every selected fleet member, track every variant, write the fleet report.
+
+    Args:
+        params_file: the fleet definition, relative to ``root`` unless absolute.
+        root: the project folder (dvc.yaml, artifacts, ``mlflow.db`` when no tracking server).
+        models: fleet members to run (default: all).
+        trigger: recorded as the MLflow tag ``trigger``; None detects it (see ``detect_trigger``):
+            ``schedule``, ``deployment`` or ``manual``.
+        workers, engine, dask_address: override ``run.workers``, ``run.engine`` and
+            ``run.dask_address`` of params.yaml (a Dask address implies the dask engine).
+    """
+    from prefect.runtime import deployment, flow_run
 
     root_p = Path(root).resolve()
     params_p = Path(params_file)
     params_p = (params_p if params_p.is_absolute() else root_p / params_p).resolve()
     fleet = load_params(params_p)
     names = select_models(fleet.model_names(), models)
+    run_cfg = resolve_run(fleet.run, workers, engine, dask_address)
+    trigger = detect_trigger(trigger)
     ws = Workspace(root_p)
     use_dvc = use_dvc and versioning.is_dvc_repo(root_p) and params_p == (root_p / "params.yaml").resolve()
     opts = {"retries": fleet.run.retries, "retry_delay_seconds": fleet.run.retry_delay_seconds,
@@ -110,12 +194,16 @@ def fleet_flow(
         "git_sha": tracking.git_sha(root_p),
         "trigger": trigger,
         "prefect_flow_run_id": str(flow_run.id or ""),
+        "prefect_deployment_id": str(deployment.id or ""),
+        "shrinkfleet.engine": run_cfg.engine,
+        "shrinkfleet.workers": str(run_cfg.workers),
+        "shrinkfleet.dask_address": run_cfg.dask_address or "",
         "shrinkfleet.models": ",".join(names),
         "shrinkfleet.dvc": str(use_dvc),
     }
     started = dt.datetime.now(dt.UTC)
-    results: dict[str, dict[str, Any]] = {m: {"status": "running", "stages": {}} for m in names}
-    with tracking.fleet_run(experiment_id, tags) as parent_run_id:
+    results: dict[str, dict[str, Any]] = {m: {"status": "running", "stages": {}, "workers": {}} for m in names}
+    with tracking.fleet_run(experiment_id, tags) as parent_run_id, task_runner(run_cfg) as runner:
         datasets = fleet.datasets_in_use(names)
         users = {ds: [m for m in names if fleet.models[m].dataset == ds] for ds in datasets}
         skip = _skippable(root_p, datasets, names, fleet) if use_dvc and not force else set()
@@ -129,7 +217,7 @@ def fleet_flow(
                     results[m]["stages"]["prepare"] = "skipped"
                 _emit({"stage": "prepare", "target": ds, "status": "skipped", "seconds": 0.0})
                 continue
-            prep[ds] = prepare_task.with_options(**opts).submit(dataset=ds, **common)
+            prep[ds] = runner.submit(prepare_task.with_options(**opts), {"dataset": ds, **common})
             owner[prep[ds].task_run_id] = (None, ds)
             futures.append(prep[ds])
         for m in names:
@@ -139,7 +227,8 @@ def fleet_flow(
                     results[m]["stages"][stage] = "skipped"
                     _emit({"stage": stage, "target": m, "status": "skipped", "seconds": 0.0})
                     continue
-                prev = task.with_options(**opts).submit(model=m, wait_for=[prev] if prev else [], **common)
+                prev = runner.submit(task.with_options(**opts), {"model": m, **common},
+                                     wait_for=[prev] if prev else [])
                 owner[prev.task_run_id] = (m, stage)
                 futures.append(prev)
 
@@ -149,6 +238,7 @@ def fleet_flow(
                 out = register.record(ws, fleet.resolve(model), results[model]["stages"], use_dvc, trigger,
                                       tags["git_sha"])
                 results[model].update(out, status="ok")
+                _tag_workers(out["run_id"], results[model]["workers"])
                 _emit_registry(model, out["registry"])
             except Exception as exc:  # (one model's tracking must not stop the fleet)
                 results[model].update(status="failed", failed_stage="track", error=f"{type(exc).__name__}: {exc}")
@@ -167,7 +257,9 @@ def fleet_flow(
             if kind == "ok":
                 for m in affected:
                     results[m]["stages"][stage] = value["status"]
-                _emit({"stage": stage, "target": target, "status": value["status"], "seconds": value["seconds"]})
+                    results[m]["workers"][stage] = value.get("worker", "")
+                _emit({"stage": stage, "target": target, "status": value["status"], "seconds": value["seconds"],
+                       "worker": value.get("worker", "")})
                 if stage == "evaluate":
                     finish(model)
             elif kind == "failed":
@@ -198,7 +290,18 @@ def fleet_flow(
         mlflow.log_metrics({"models_ok": len(names) - len(failures), "models_failed": len(failures)})
         if failures:
             mlflow.set_tag("shrinkfleet.failed_models", ",".join(failures))
-    return {"models": results, "report": str(path), "parent_run_id": parent_run_id, "use_dvc": use_dvc}
+    return {"models": results, "report": str(path), "parent_run_id": parent_run_id, "use_dvc": use_dvc,
+            "trigger": trigger, "engine": run_cfg.engine}
+
+
+def _tag_workers(run_id: str, workers: dict[str, str]) -> None:
+    """Tag the model's MLflow run with the worker of each stage that ran (``shrinkfleet.worker.<stage>``)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for stage, worker in workers.items():
+        if worker:
+            client.set_tag(run_id, f"shrinkfleet.worker.{stage}", worker)
 
 
 def _skippable(root: Path, datasets: list[str], names: list[str], fleet: Any) -> set[str]:
@@ -235,13 +338,13 @@ def run_fleet(
     use_dvc: bool = True,
     trigger: str = "manual",
     workers: int | None = None,
+    engine: str | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
-    """Run the fleet flow with the worker count from params.yaml (or ``workers``)."""
+    """Run the fleet flow on the configured Prefect API (or a temporary one), overriding ``run:``."""
     from flows.server import prefect_api
 
-    fleet = load_params(params_file)
-    n = workers or fleet.run.workers
     with prefect_api():
-        configured = fleet_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=n))
-        return configured(params_file=str(params_file), root=str(root), models=models, force=force,
-                          use_dvc=use_dvc, trigger=trigger)
+        return fleet_flow(params_file=str(params_file), root=str(root), models=models, force=force,
+                          use_dvc=use_dvc, trigger=trigger, workers=workers, engine=engine,
+                          dask_address=dask_address)

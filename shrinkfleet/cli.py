@@ -101,6 +101,14 @@ def run(
     ] = None,
     trigger: Annotated[str, typer.Option(help="Recorded in MLflow as the run's trigger tag.")] = "manual",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's own log lines.")] = False,
+    engine: Annotated[
+        str | None, typer.Option("--engine", help="process | dask (default: run.engine).", show_default=False)
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option("--dask-address", help="Scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 "
+                     "(implies --engine dask; default: run.dask_address).", show_default=False),
+    ] = None,
 ) -> None:
     """Run the fleet: every stage of every model, then print and write the report.
 
@@ -112,6 +120,7 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     root, params = _paths(root, params)
     fleet = _load(params)
+    run_cfg = _run_config(fleet, workers, engine, dask_address)
     wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
     from shrinkfleet.config import ConfigError, select_models
 
@@ -138,18 +147,36 @@ def run(
         if missing:
             _fail("cannot start:\n  " + "\n  ".join(missing))
 
+    where = (f"Dask at {run_cfg.dask_address}" if run_cfg.dask_address
+             else f"{run_cfg.workers} {run_cfg.engine} worker(s)")
     console.print(f"[bold]shrinkfleet[/] fleet [cyan]{fleet.fleet}[/]: {len(names)} model(s), "
-                  f"{workers or fleet.run.workers} worker(s), DVC {'on' if use_dvc else 'off'}")
+                  f"{where}, DVC {'on' if use_dvc else 'off'}")
     start = time.perf_counter()
-    summary = _run_with_progress(params, root, names, force, use_dvc, trigger, workers)
+    summary = _run_with_progress(params, root, names, force, use_dvc, trigger, workers, engine, dask_address)
     elapsed = time.perf_counter() - start
     _print_summary(root, names, summary, elapsed)
     failed = [m for m, r in summary["models"].items() if r["status"] != "ok"]
     raise typer.Exit(1 if failed else 0)
 
 
+def _run_config(fleet: Any, workers: int | None, engine: str | None, dask_address: str | None) -> Any:
+    """``run:`` with the command line's overrides; a bad one stops here (exit 2) naming the option."""
+    from flows.fleet import ENGINES, resolve_run
+    from shrinkfleet.config import ConfigError
+
+    if engine is not None and engine not in ENGINES:
+        _fail(f"--engine: {engine!r} is not an engine; one of: {', '.join(ENGINES)}")
+    try:
+        return resolve_run(fleet.run, workers, engine, dask_address)
+    except ConfigError as exc:
+        option = {"run.dask_address": "--dask-address", "run.engine": "--engine", "run.workers": "--workers"}
+        key = str(exc).split(":", 1)[0]
+        _fail(f"{option.get(key, key)}: {str(exc).split(':', 1)[1].strip()}")
+
+
 def _run_with_progress(params: Path, root: Path, names: list[str], force: bool, use_dvc: bool, trigger: str,
-                       workers: int | None) -> dict[str, Any]:
+                       workers: int | None, engine: str | None = None,
+                       dask_address: str | None = None) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     import flows.fleet as fleet_flow
@@ -185,7 +212,7 @@ def _run_with_progress(params: Path, root: Path, names: list[str], force: bool, 
     try:
         with progress:
             return fleet_flow.run_fleet(params, root, names, force=force, use_dvc=use_dvc, trigger=trigger,
-                                        workers=workers)
+                                        workers=workers, engine=engine, dask_address=dask_address)
     finally:
         fleet_flow.progress_hook = None
 
@@ -222,6 +249,79 @@ def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapse
             console.print(line, highlight=False)
     console.print(f"Report: {summary['report']}   MLflow parent run: {summary['parent_run_id']}   "
                   f"wall time {elapsed:.0f}s")
+
+
+def validate_schedule(cron: str, timezone: str) -> Any:
+    """Prefect's own cron schedule for ``cron`` in ``timezone``; a ValueError names the bad option."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        return CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        option = "--timezone" if "timezone" in first["loc"] else "--cron"
+        detail = str(first["msg"]).removeprefix("Value error, ")
+        example = " (five fields: minute hour day month weekday, e.g. '0 2 * * *')" if option == "--cron" else ""
+        raise ValueError(f"{option}: {detail}{example}") from None
+
+
+@app.command()
+def schedule(
+    cron: Annotated[str, typer.Option("--cron", help="When to run: a cron expression, e.g. '0 2 * * *' (02:00).")],
+    timezone: Annotated[str, typer.Option("--timezone", help="IANA time zone the cron is read in.")] = "UTC",
+    models: Annotated[
+        str | None, typer.Option("--models", "-m", help="Comma-separated fleet members to run (default: all).")
+    ] = None,
+    params: ParamsOpt = None,
+    root: RootOpt = Path("."),
+    name: Annotated[str, typer.Option("--name", help="Name of the Prefect deployment.")] = "shrinkfleet-nightly",
+) -> None:
+    """Serve the fleet flow on a cron schedule from this machine until stopped (Ctrl-C).
+
+    Needs a Prefect server (PREFECT_API_URL): its scheduler creates the runs, and this process
+    runs each one in a subprocess. Scheduled runs are tagged ``trigger=schedule`` in MLflow;
+    `prefect deployment run` of the same deployment is tagged ``trigger=deployment``.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        cron_schedule = validate_schedule(cron, timezone)
+    except ValueError as exc:
+        _fail(str(exc))
+    root, params = _paths(root, params)
+    fleet = _load(params)
+    wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    from shrinkfleet.config import ConfigError, select_models
+
+    try:
+        names = select_models(fleet.model_names(), wanted)
+    except ConfigError as exc:
+        _fail(str(exc))
+    problems = preflight(fleet, params, root, names)
+    if problems:
+        _fail("cannot start:\n  " + "\n  ".join(problems))
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL")
+    if not api:
+        _fail("PREFECT_API_URL is not set: a schedule needs a running Prefect server whose scheduler creates the "
+              "runs (start one with `prefect server start`, then export PREFECT_API_URL=http://127.0.0.1:4200/api)")
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+
+    from flows.fleet import fleet_flow
+
+    console.print(f"[bold]shrinkfleet[/] serving deployment [cyan]shrinkfleet-fleet/{name}[/] on {api}: "
+                  f"'{cron_schedule.cron}' ({cron_schedule.timezone}), fleet {fleet.fleet}, "
+                  f"{len(names)} model(s); Ctrl-C stops it")
+    fleet_flow.serve(
+        name=name,
+        schedules=[Cron(cron_schedule.cron, timezone=cron_schedule.timezone)],
+        parameters={"params_file": str(params), "root": str(root), "models": wanted},
+        tags=["shrinkfleet", "nightly"],
+        # Run by module path: this process's cwd need not be the repository.
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
 
 
 @app.command()

@@ -340,6 +340,23 @@ class RunConfig(_Strict):
     retries: int = Field(2, ge=0, le=10, description="Retries of a stage after a transient failure.")
     retry_delay_seconds: float = Field(5.0, ge=0, description="Wait before a retry.")
     mixed_precision: bool = Field(False, description="Train in mixed_float16 on GPUs (ignored on CPU).")
+    engine: Literal["process", "dask"] = Field(
+        "process",
+        description="Where stages run: process (a local process pool of `workers` processes) or dask "
+        "(a Dask cluster through prefect-dask).",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="Scheduler of an existing Dask cluster (tcp://host:8786) for engine dask; None starts a "
+        "local cluster of `workers` processes with one thread each.",
+    )
+
+    @field_validator("dask_address")
+    @classmethod
+    def _scheduler_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(tcp|tls|inproc|ucx|ws|wss)://[^\s/]+$", value):
+            raise ValueError(f"must be a Dask scheduler address such as tcp://10.0.0.5:8786, got {value!r}")
+        return value
 
 
 # ----------------------------------------------------------------------------- storage

@@ -41,7 +41,10 @@ def _locked(root: Path) -> Iterator[None]:
 def _repo(root: Path) -> Iterator[Any]:
     from dvc.repo import Repo
 
-    with _locked(root):
+    # DVC resolves stage targets (``teacher@m``) against the working directory, not the repo
+    # root: a Dask worker started elsewhere (or `--root` from another folder) would find
+    # another dvc.yaml, or none. Run every DVC call from the project folder.
+    with _locked(root), contextlib.chdir(root):
         repo = Repo(str(root))
         # DVC's own logger set-up runs inside Repo(); quiet it afterwards.
         logging.getLogger("dvc").setLevel(logging.WARNING)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +39,18 @@ def context(root: str | Path, params_file: str | Path | None = None) -> StageCon
     return StageContext(fleet=load_params(params), ws=Workspace(root), params_file=params)
 
 
+def worker_id() -> str:
+    """Who runs this stage: the Dask worker's address inside a Dask worker, else ``host:pid``."""
+    if "distributed" in sys.modules:  # a process-pool worker never loads Dask: do not import it there
+        from distributed import get_worker
+
+        try:
+            return get_worker().address
+        except ValueError:  # not inside a Dask worker
+            pass
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def execute(
     stage: str,
     target: str,
@@ -48,14 +63,15 @@ def execute(
     """Run ``fn`` for one stage target unless DVC reports it up to date; then record it.
 
     Returns:
-        ``{"stage", "target", "status": "ran" | "skipped", "seconds", **fn's summary}``.
+        ``{"stage", "target", "status": "ran" | "skipped", "seconds", "worker", **fn's summary}``.
     """
     ctx = context(root, params_file)
     dvc_stage = f"{stage}@{target}"
     start = time.perf_counter()
     if use_dvc and not force and versioning.is_up_to_date(ctx.ws.root, dvc_stage):
         log.info("%s is up to date (DVC): skipped", dvc_stage)
-        return {"stage": stage, "target": target, "status": "skipped", "seconds": time.perf_counter() - start}
+        return {"stage": stage, "target": target, "status": "skipped", "seconds": time.perf_counter() - start,
+                "worker": worker_id()}
     from shrinkfleet.tfenv import quiet_native_stderr
 
     # TensorFlow/LiteRT's C++ notes (cuInit on CPU hosts, XNNPACK) are replayed only on failure.
@@ -65,4 +81,4 @@ def execute(
         versioning.commit(ctx.ws.root, dvc_stage)
     seconds = time.perf_counter() - start
     log.info("%s finished in %.1fs", dvc_stage, seconds)
-    return {"stage": stage, "target": target, "status": "ran", "seconds": seconds, **summary}
+    return {"stage": stage, "target": target, "status": "ran", "seconds": seconds, "worker": worker_id(), **summary}

@@ -98,8 +98,8 @@ def mnist_dir() -> Path:
 def shrinkfleet_cmd(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run the installed ``shrinkfleet`` console script as a user would."""
     exe = Path(sys.executable).with_name("shrinkfleet")
-    # A server the test process happens to know about must not leak in; one passed in `env` is the point.
-    inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    full_env = {**inherited, **(env or {})}
+    # A test's own servers are passed in ``env``; ones configured in the calling shell are not used.
+    full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    full_env.update(env or {})
     return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)

@@ -1,0 +1,43 @@
+"""The fleet fanned out over a Dask cluster: two worker processes (one thread each) on loopback."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import make_project, shrinkfleet_cmd
+from tests.team.test_nightly_deployment import quick_params
+
+pytestmark = pytest.mark.slow
+
+MODELS = ("digits-mlp", "cancer-mlp")
+STAGES = ("teacher", "distill", "prune", "compress", "evaluate")
+
+
+def test_two_models_run_on_two_dask_workers(tmp_path):
+    from distributed import LocalCluster
+
+    project = make_project(tmp_path / "project", quick_params(MODELS))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0") as cluster:
+        workers = set(cluster.scheduler_info["workers"])
+        assert len(workers) == 2
+        result = shrinkfleet_cmd("run", "--models", ",".join(MODELS), "--dask-address", cluster.scheduler_address,
+                                 cwd=project, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Dask at {cluster.scheduler_address}" in result.stdout
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    exp = client.get_experiment_by_name("shrinkfleet/tiny")
+    (fleet,) = client.search_runs([exp.experiment_id], filter_string="tags.`shrinkfleet.kind` = 'fleet'")
+    assert fleet.data.tags["shrinkfleet.engine"] == "dask"
+    assert fleet.data.tags["shrinkfleet.dask_address"] == cluster.scheduler_address
+    assert fleet.data.metrics["models_ok"] == 2
+    model_runs = client.search_runs([exp.experiment_id], filter_string="tags.`shrinkfleet.kind` = 'model'")
+    placed = {r.data.tags["shrinkfleet.model"]: {s: r.data.tags[f"shrinkfleet.worker.{s}"] for s in STAGES}
+              for r in model_runs}
+    assert set(placed) == set(MODELS)
+    # Every stage ran on one of the cluster's workers, both workers did work, and the two
+    # models trained their teachers at the same time, so on different workers.
+    assert {w for stages in placed.values() for w in stages.values()} == workers, placed
+    assert placed["digits-mlp"]["teacher"] != placed["cancer-mlp"]["teacher"], placed
