@@ -1,7 +1,7 @@
 """Fan-out: the same fleet of small models with 1 and with 2 parallel worker processes.
 
     python bench/fanout.py            # 8 models, 3 repetitions of each (about 6 minutes on 2 cores)
-    python bench/fanout.py --quick    # 3 models, 1 repetition (CI smoke run)
+    python bench/fanout.py --quick    # 2 models, 1 repetition (CI smoke run)
 
 Each repetition is a fresh project, run as a user would (`shrinkfleet run --no-dvc --workers N`),
 so every stage trains. Goal: 2 workers at least 1.7x faster than 1 on 2 cores.
@@ -22,12 +22,12 @@ GOAL = 1.7
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="3 models, 1 repetition")
-    ap.add_argument("--models", type=int, default=None, help="fleet size (default 8, quick 3)")
+    ap.add_argument("--quick", action="store_true", help="2 models, 1 repetition")
+    ap.add_argument("--models", type=int, default=None, help="fleet size (default 8, quick 2)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per worker count (default 3, quick 1)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/fanout.json)")
     args = ap.parse_args(argv)
-    n = args.models or (3 if args.quick else 8)
+    n = args.models or (2 if args.quick else 8)
     reps = args.reps or (1 if args.quick else 3)
     seconds: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:

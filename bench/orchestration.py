@@ -1,7 +1,7 @@
 """Orchestration overhead: the fleet through the Prefect flow vs the same stage functions called directly.
 
     python bench/orchestration.py            # the default fleet, epochs capped at 5, 3 repetitions
-    python bench/orchestration.py --quick    # 2 small models, 1 repetition (CI smoke run)
+    python bench/orchestration.py --quick    # 1 small model, 1 repetition (CI smoke run)
 
 Both sides start a fresh Python process in a fresh project and do the same work: every stage
 of every model, MLflow tracking, gate and registry, the report.
@@ -78,7 +78,7 @@ def direct(project: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 small models, 1 repetition")
+    ap.add_argument("--quick", action="store_true", help="1 small model, 1 repetition")
     ap.add_argument("--reps", type=int, default=None, help="repetitions of each side (default 3, quick 1)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/orchestration.json)")
     ap.add_argument("--direct", type=Path, default=None, help=argparse.SUPPRESS)  # the direct side's own process
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         direct(args.direct)
         return 0
     reps = args.reps or (1 if args.quick else 3)
-    params = tiny_fleet(2) if args.quick else capped_default_fleet()
+    params = tiny_fleet(1) if args.quick else capped_default_fleet()
     seconds: dict[str, list[float]] = {"flow": [], "direct": []}
     with tempfile.TemporaryDirectory(prefix="bench-orch-") as tmp:
         for rep in range(reps):
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = flow_s / direct_s
     print_table([{"side": k, "median s": f"{median(v):.1f}", "runs s": ", ".join(f"{x:.1f}" for x in v)}
                  for k, v in seconds.items()],
-                f"Orchestration: {'2 small models' if args.quick else 'default fleet, epochs <= 5'}, 1 worker")
+                f"Orchestration: {'1 small model' if args.quick else 'default fleet, epochs <= 5'}, 1 worker")
     print(f"\nflow / direct: {ratio:.3f} (goal <= {GOAL}: {verdict(ratio <= GOAL)})")
     path = write_results("orchestration", {
-        "quick": args.quick, "fleet": "2 small models" if args.quick else f"default, epochs capped at {EPOCH_CAP}",
+        "quick": args.quick, "fleet": "1 small model" if args.quick else f"default, epochs capped at {EPOCH_CAP}",
         "repetitions": reps, "seconds": seconds, "median_seconds": {"flow": flow_s, "direct": direct_s},
         "ratio": ratio, "goal": GOAL, "meets_goal": ratio <= GOAL,
     }, args.out)
