@@ -41,7 +41,8 @@ def test_compose_runs_the_team_services_on_postgres_and_s3():
     prefect_db = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert prefect_db.startswith("postgresql+asyncpg://") and prefect_db.endswith("@postgres:5432/prefect")
     mlflow_cmd = " ".join(services["mlflow"]["command"])
-    assert "--backend-store-uri=postgresql+psycopg2://" in mlflow_cmd  # a bare postgresql:// picks psycopg 3 and "@postgres:5432/mlflow" in mlflow_cmd
+    # psycopg2 named: for a bare postgresql:// SQLAlchemy 2.1 picks psycopg 3, which is not installed
+    assert "--backend-store-uri=postgresql+psycopg2://" in mlflow_cmd and "@postgres:5432/mlflow" in mlflow_cmd
     assert "--artifacts-destination=s3://" in mlflow_cmd
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     # The init script creates the second database the Prefect server connects to.
