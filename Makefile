@@ -35,6 +35,7 @@ bench: venv  ## every benchmark in bench/ (tables on screen, JSON in bench/resul
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/table.py
 
 lint: venv  ## ruff: style and import order
 	$(BIN)/ruff check .
