@@ -29,12 +29,7 @@ from shrinkfleet.config import ConfigError, RunConfig, load_params, select_model
 from shrinkfleet.datasets import DatasetError
 from shrinkfleet.workspace import Workspace
 from tasks import register
-from tasks.compress import compress_task
-from tasks.distill import distill_task
-from tasks.evaluate import evaluate_task
-from tasks.prepare import prepare_task
-from tasks.prune import prune_task
-from tasks.teacher import teacher_task
+from tasks.stages import compress_task, distill_task, evaluate_task, prepare_task, prune_task, teacher_task
 
 MODEL_TASKS = (
     ("teacher", teacher_task),

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from shrinkfleet import coding, training, zoo
 from shrinkfleet.config import ClusterConfig, PruneConfig, ResolvedModel
@@ -26,7 +24,7 @@ from shrinkfleet.evaluation import TFLiteModel, accuracy_of, to_tflite
 from shrinkfleet.storage import atomic_dir
 from shrinkfleet.techniques import cluster, quantization_aware
 from shrinkfleet.tfenv import configure_devices, keras, reset
-from tasks.common import StageContext, execute
+from tasks.common import StageContext
 from tasks.prune import prune
 
 # The technique registry: a recipe step's name -> fn(model, resolved config, data, seed) -> model.
@@ -151,10 +149,3 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return {"variants": len(variants), "bytes": {n: len(v.content) for n, v in variants.items()},
             "coded_bytes": {n: len(v.coded) for n, v in variants.items()}}
-
-
-@task(name="compress", task_run_name="compress-{model}", tags=["gpu"], retries=2, retry_delay_seconds=5,
-      cache_policy=NO_CACHE)
-def compress_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
-    """Run one model's recipes unless DVC reports them up to date."""
-    return execute("compress", model, root, params_file, run, use_dvc, force)

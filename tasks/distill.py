@@ -11,14 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from shrinkfleet import training, zoo
 from shrinkfleet.config import CnnArch, DistillConfig, MlpArch
 from shrinkfleet.datasets import Prepared, load_prepared
 from shrinkfleet.tfenv import configure_devices, keras, precision, reset, tf
-from tasks.common import StageContext, execute
+from tasks.common import StageContext
 
 
 def distillation_loss(
@@ -95,10 +93,3 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
         "devices": ",".join(gpus) or "cpu",
         "mixed_precision": mixed,
     }
-
-
-@task(name="distill", task_run_name="distill-{model}", tags=["gpu"], retries=2, retry_delay_seconds=5,
-      cache_policy=NO_CACHE)
-def distill_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
-    """Distil one model's student unless DVC reports it up to date."""
-    return execute("distill", model, root, params_file, run, use_dvc, force)

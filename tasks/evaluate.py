@@ -14,9 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from shrinkfleet import coding, zoo
 from shrinkfleet import evaluation as ev
 from shrinkfleet.config import ResolvedModel
@@ -25,7 +22,7 @@ from shrinkfleet.metrics import METRICS, pareto_front
 from shrinkfleet.storage import atomic_write_text
 from shrinkfleet.tfenv import keras, reset
 from shrinkfleet.workspace import KERAS_VARIANTS
-from tasks.common import StageContext, execute
+from tasks.common import StageContext
 
 METRIC_NAMES = METRICS
 CODED = ("coded_bytes", "huffman_bytes", "range_bytes", "zlib_bytes", "zstd_bytes", "bits_per_nonzero")
@@ -140,9 +137,3 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
     atomic_write_text(ctx.ws.metrics(model_name), json.dumps(doc, indent=2) + "\n")
     best = max(doc["variants"].items(), key=lambda kv: kv[1]["compression_ratio"])
     return {"variants": len(doc["variants"]), "smallest": best[0], "ratio": best[1]["compression_ratio"]}
-
-
-@task(name="evaluate", task_run_name="evaluate-{model}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def evaluate_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
-    """Measure every variant of one model unless DVC reports it up to date."""
-    return execute("evaluate", model, root, params_file, run, use_dvc, force)

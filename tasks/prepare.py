@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from shrinkfleet.config import FeatureConfig
 from shrinkfleet.datasets import DatasetError, load_raw, prepare, save_prepared
-from tasks.common import StageContext, execute
+from tasks.common import StageContext
 
 
 def run(ctx: StageContext, dataset: str) -> dict[str, Any]:
@@ -23,9 +20,3 @@ def run(ctx: StageContext, dataset: str) -> dict[str, Any]:
                        features=spec.features)
     save_prepared(prepared, ctx.ws.prepared(dataset))
     return {"digest": prepared.meta["digest"], "samples": prepared.meta["samples"]}
-
-
-@task(name="prepare", task_run_name="prepare-{dataset}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def prepare_task(dataset: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
-    """Prepare one dataset unless DVC reports it up to date."""
-    return execute("prepare", dataset, root, params_file, run, use_dvc, force)

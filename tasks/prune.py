@@ -11,8 +11,6 @@ import math
 from typing import Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from shrinkfleet import training, zoo
 from shrinkfleet.config import PruneConfig
@@ -20,7 +18,7 @@ from shrinkfleet.datasets import Prepared, load_prepared
 from shrinkfleet.evaluation import PRUNABLE, kernel_sparsity
 from shrinkfleet.techniques import positive_zeros
 from shrinkfleet.tfenv import configure_devices, keras, reset, tfmot
-from tasks.common import StageContext, execute
+from tasks.common import StageContext
 
 
 def schedule_steps(n_samples: int, cfg: PruneConfig) -> tuple[int, int, int]:
@@ -121,10 +119,3 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
         raise RuntimeError(f"prune: reached sparsity {reached:.3f}, target {target}; check prune.frequency")
     zoo.save(pruned, ctx.ws.keras(model_name, "pruned"))
     return {"sparsity": reached, "val_accuracy": training.accuracy(pruned, data.val.x, data.val.y)}
-
-
-@task(name="prune", task_run_name="prune-{model}", tags=["gpu"], retries=2, retry_delay_seconds=5,
-      cache_policy=NO_CACHE)
-def prune_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
-    """Prune one model's student unless DVC reports it up to date."""
-    return execute("prune", model, root, params_file, run, use_dvc, force)

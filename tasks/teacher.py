@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from shrinkfleet import training, zoo
 from shrinkfleet.config import CnnArch, MlpArch, TrainConfig
 from shrinkfleet.datasets import Prepared, load_prepared
 from shrinkfleet.tfenv import configure_devices, keras, precision, reset
-from tasks.common import StageContext, execute
+from tasks.common import StageContext
 
 
 def train_teacher(
@@ -48,10 +45,3 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
         "devices": ",".join(gpus) or "cpu",
         "mixed_precision": mixed,
     }
-
-
-@task(name="teacher", task_run_name="teacher-{model}", tags=["gpu"], retries=2, retry_delay_seconds=5,
-      cache_policy=NO_CACHE)
-def teacher_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
-    """Train one model's teacher unless DVC reports it up to date."""
-    return execute("teacher", model, root, params_file, run, use_dvc, force)

@@ -1,0 +1,68 @@
+"""The Prefect task of every stage, importable without TensorFlow.
+
+The flow process only submits tasks, tracks and reports; it never trains. Each task
+imports its stage module (TensorFlow, TFMOT, LiteRT) when it runs, in the worker process
+that runs it, so the flow process starts in a few seconds instead of loading TensorFlow
+for nothing (which a rerun with every stage up to date would otherwise pay for).
+
+Every task: retried on transient failures (the flow sets the count from ``run.retries``),
+skipped when DVC reports the stage up to date (see :func:`tasks.common.execute`), never
+cached by Prefect (DVC decides what is up to date). The training stages carry the ``gpu``
+tag, so a Prefect tag concurrency limit on ``gpu`` bounds how many train at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import execute
+
+GPU = ["gpu"]
+
+
+def _run(stage: str, target: str, root: str, params_file: str, use_dvc: bool, force: bool) -> dict:
+    module = importlib.import_module(f"tasks.{stage}")
+    return execute(stage, target, root, params_file, module.run, use_dvc, force)
+
+
+@task(name="prepare", task_run_name="prepare-{dataset}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def prepare_task(dataset: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+    """Prepare one dataset unless DVC reports it up to date."""
+    return _run("prepare", dataset, root, params_file, use_dvc, force)
+
+
+@task(name="teacher", task_run_name="teacher-{model}", tags=GPU, retries=2, retry_delay_seconds=5,
+      cache_policy=NO_CACHE)
+def teacher_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+    """Train one model's teacher unless DVC reports it up to date."""
+    return _run("teacher", model, root, params_file, use_dvc, force)
+
+
+@task(name="distill", task_run_name="distill-{model}", tags=GPU, retries=2, retry_delay_seconds=5,
+      cache_policy=NO_CACHE)
+def distill_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+    """Distil one model's student unless DVC reports it up to date."""
+    return _run("distill", model, root, params_file, use_dvc, force)
+
+
+@task(name="prune", task_run_name="prune-{model}", tags=GPU, retries=2, retry_delay_seconds=5,
+      cache_policy=NO_CACHE)
+def prune_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+    """Prune one model's student unless DVC reports it up to date."""
+    return _run("prune", model, root, params_file, use_dvc, force)
+
+
+@task(name="compress", task_run_name="compress-{model}", tags=GPU, retries=2, retry_delay_seconds=5,
+      cache_policy=NO_CACHE)
+def compress_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+    """Run one model's recipes unless DVC reports them up to date."""
+    return _run("compress", model, root, params_file, use_dvc, force)
+
+
+@task(name="evaluate", task_run_name="evaluate-{model}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def evaluate_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+    """Measure every variant of one model unless DVC reports it up to date."""
+    return _run("evaluate", model, root, params_file, use_dvc, force)
