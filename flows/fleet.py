@@ -24,11 +24,11 @@ from prefect import flow
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from shrinkfleet import remote, report, tracking, versioning
+from shrinkfleet import locks, remote, report, storage, tracking, versioning
 from shrinkfleet.config import ConfigError, RunConfig, load_params, select_models
-from shrinkfleet.datasets import DatasetError
 from shrinkfleet.workspace import Workspace
 from tasks import register
+from tasks.common import is_transient
 from tasks.stages import compress_task, distill_task, evaluate_task, prepare_task, prune_task, teacher_task
 
 MODEL_TASKS = (
@@ -106,13 +106,11 @@ def detect_trigger(explicit: str | None = None) -> str:
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry unless the failure is a deterministic input error (bad config or data, wrong shapes)."""
+    """Prefect's retry condition: retry unless :func:`tasks.common.is_transient` says the error is permanent."""
     try:
         state.result()
-    except (ConfigError, DatasetError, ValueError, TypeError, KeyError):
-        return False
-    except Exception:
-        return True
+    except Exception as exc:
+        return is_transient(exc)
     return True
 
 
@@ -156,6 +154,7 @@ def fleet_flow(
     workers: int | None = None,
     engine: Literal["process", "dask"] | None = None,
     dask_address: str | None = None,
+    if_busy: Literal["wait", "refuse"] = "wait",
 ) -> dict[str, Any]:
     """Compress every selected fleet member, track every variant, write the fleet report.
 
@@ -167,9 +166,9 @@ def fleet_flow(
             ``schedule``, ``deployment`` or ``manual``.
         workers, engine, dask_address: override ``run.workers``, ``run.engine`` and
             ``run.dask_address`` of params.yaml (a Dask address implies the dask engine).
+        if_busy: another run holds this workspace: ``wait`` for it, or ``refuse`` (raises
+            :class:`shrinkfleet.locks.WorkspaceBusy`). See :mod:`shrinkfleet.locks`.
     """
-    from prefect.runtime import deployment, flow_run
-
     root_p = Path(root).resolve()
     params_p = Path(params_file)
     params_p = (params_p if params_p.is_absolute() else root_p / params_p).resolve()
@@ -183,8 +182,40 @@ def fleet_flow(
             "retry_condition_fn": _transient}
     common = {"root": str(root_p), "params_file": str(params_p), "use_dvc": use_dvc, "force": force}
 
-    storage = remote.activate(fleet.storage)  # S3 endpoint for MLflow's artifact client; None = local storage
-    experiment_id = tracking.setup(root_p, fleet.fleet, artifact_root=storage.mlflow_url if storage else None)
+    with locks.run_lock(root_p, if_busy, on_wait=_waiting):
+        return _locked_run(root_p, params_p, fleet, names, run_cfg, trigger, ws, use_dvc, opts, common, force)
+
+
+def _notice(text: str) -> None:
+    """A line the user should see whatever the log level (the CLI prints it; a deployment run logs it)."""
+    if progress_hook is not None:
+        progress_hook({"stage": "notice", "target": "", "status": text})
+    else:
+        print(text)
+
+
+def _waiting(info: dict[str, Any]) -> None:
+    _notice(f"waiting: {locks.describe(info)} holds this workspace; this run starts when it ends")
+
+
+def _recover(root: Path, experiment_id: str) -> None:
+    """Clean up after a run that was killed or crashed here (under the run lock: none is alive)."""
+    ws = Workspace(root)
+    for line in storage.sweep_stale([root / "data" / "prepared", root / "models", root / "metrics", ws.reports]):
+        _notice(f"recovered: {line}")
+    for run_id in tracking.close_stale_runs(experiment_id, root):
+        _notice(f"recovered: MLflow run {run_id} was left RUNNING by a run that died; marked KILLED")
+
+
+def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_cfg: RunConfig, trigger: str,
+                ws: Workspace, use_dvc: bool, opts: dict[str, Any], common: dict[str, Any],
+                force: bool) -> dict[str, Any]:
+    """The fleet run proper, while this process holds the workspace's run lock."""
+    from prefect.runtime import deployment, flow_run
+
+    location = remote.activate(fleet.storage)  # S3 endpoint for MLflow's artifact client; None = local storage
+    experiment_id = tracking.setup(root_p, fleet.fleet, artifact_root=location.mlflow_url if location else None)
+    _recover(root_p, experiment_id)
     tags = {
         "git_sha": tracking.git_sha(root_p),
         "trigger": trigger,
@@ -195,6 +226,7 @@ def fleet_flow(
         "shrinkfleet.dask_address": run_cfg.dask_address or "",
         "shrinkfleet.models": ",".join(names),
         "shrinkfleet.dvc": str(use_dvc),
+        **tracking.workspace_tags(root_p),
     }
     started = dt.datetime.now(dt.UTC)
     results: dict[str, dict[str, Any]] = {m: {"status": "running", "stages": {}, "workers": {}} for m in names}
@@ -335,6 +367,7 @@ def run_fleet(
     workers: int | None = None,
     engine: str | None = None,
     dask_address: str | None = None,
+    if_busy: str = "wait",
 ) -> dict[str, Any]:
     """Run the fleet flow on the configured Prefect API (or a temporary one), overriding ``run:``."""
     from flows.server import prefect_api
@@ -342,4 +375,4 @@ def run_fleet(
     with prefect_api():
         return fleet_flow(params_file=str(params_file), root=str(root), models=models, force=force,
                           use_dvc=use_dvc, trigger=trigger, workers=workers, engine=engine,
-                          dask_address=dask_address)
+                          dask_address=dask_address, if_busy=if_busy)

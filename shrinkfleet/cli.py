@@ -1,7 +1,8 @@
 """The ``shrinkfleet`` command line.
 
 Exit codes: 0 every model finished; 1 at least one model failed (the report names it);
-2 bad input (params, data, paths), reported before any work starts.
+2 bad input (params, data, paths), reported before any work starts; 3 another run holds the
+workspace and ``--if-busy refuse`` was given.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def run(
         typer.Option("--dask-address", help="Scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 "
                      "(implies --engine dask; default: run.dask_address).", show_default=False),
     ] = None,
+    if_busy: Annotated[
+        str, typer.Option("--if-busy", help="Another run holds this project: wait for it, or refuse (exit 3).")
+    ] = "wait",
 ) -> None:
     """Run the fleet: every stage of every model, then print and write the report.
 
@@ -118,6 +122,10 @@ def run(
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from shrinkfleet import locks
+
+    if if_busy not in locks.IF_BUSY:
+        _fail(f"--if-busy: {if_busy!r} is not a choice; one of: {', '.join(locks.IF_BUSY)}")
     root, params = _paths(root, params)
     fleet = _load(params)
     run_cfg = _run_config(fleet, workers, engine, dask_address)
@@ -152,7 +160,15 @@ def run(
     console.print(f"[bold]shrinkfleet[/] fleet [cyan]{fleet.fleet}[/]: {len(names)} model(s), "
                   f"{where}, DVC {'on' if use_dvc else 'off'}")
     start = time.perf_counter()
-    summary = _run_with_progress(params, root, names, force, use_dvc, trigger, workers, engine, dask_address)
+    try:
+        # Taken here, before Prefect starts, so a refusal is immediate; the flow sees this process holds it.
+        with locks.run_lock(root, if_busy, on_wait=lambda info: err.print(
+                f"[yellow]waiting:[/] {escape(locks.describe(info))} holds {root}; this run starts when it ends",
+                soft_wrap=True)):
+            summary = _run_with_progress(params, root, names, force, use_dvc, trigger, workers, engine,
+                                         dask_address)
+    except locks.WorkspaceBusy as exc:
+        _fail(str(exc), code=3)
     elapsed = time.perf_counter() - start
     _print_summary(root, names, summary, elapsed)
     failed = [m for m, r in summary["models"].items() if r["status"] != "ok"]
@@ -190,6 +206,9 @@ def _run_with_progress(params: Path, root: Path, names: list[str], force: bool, 
         by_dataset.setdefault(fleet.models[m].dataset, []).append(m)
 
     def hook(event: dict[str, Any]) -> None:
+        if event["stage"] == "notice":
+            progress.console.print(f"[yellow]{escape(event['status'])}[/]", highlight=False)
+            return
         if event["stage"] == "registry":
             colour = "green" if event["status"].startswith("promoted") else "yellow"
             progress.console.print(f"[{colour}]↑ {event['target']} {event['status']}[/]: {event.get('error', '')}",

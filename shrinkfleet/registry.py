@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import getpass
 import hashlib
 import json
 import socket
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,18 @@ from mlflow.tracking import MlflowClient
 PRODUCTION = "production"
 EVENTS_EXPERIMENT = "shrinkfleet/registry"
 T = "shrinkfleet"  # tag prefix
+
+
+def _serialised(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` under the registry lock: read production, move it, record it, with no move in between."""
+    from shrinkfleet.locks import registry_lock
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with registry_lock(mlflow.get_tracking_uri()):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class RegistryError(RuntimeError):
@@ -159,6 +173,7 @@ def _ensure_registered_model(model: str, description: str) -> None:
                                        tags={f"{T}.managed": "true"})
 
 
+@_serialised
 def consider(
     model: str,
     candidate: str | None,
@@ -213,6 +228,7 @@ def consider(
     return reg
 
 
+@_serialised
 def promote(model: str, version: str, reason: str, force: bool, gate_check: Any) -> str | None:
     """Move production to ``version`` by hand; refuses a gate-failing version unless ``force``.
 
@@ -235,6 +251,7 @@ def promote(model: str, version: str, reason: str, force: bool, gate_check: Any)
     return move_alias(model, str(mv.version), "promote", why, "cli")
 
 
+@_serialised
 def rollback(model: str, to: str | None, reason: str) -> tuple[str, str]:
     """Move production back: to ``to``, or to the last earlier production version not rolled back.
 

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from shrinkfleet import faults
+
 
 def _umask_mode(directory: bool) -> int:
     # mkstemp/mkdtemp create owner-only files; artifacts should get the usual permissions.
@@ -34,6 +36,7 @@ def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
         yield tmp
         if tmp.exists():
             os.chmod(tmp, _umask_mode(directory=False))
+        faults.before_rename(tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -53,6 +56,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     os.chmod(tmp, _umask_mode(directory=True))
     try:
         yield tmp
+        faults.before_rename(tmp)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")
@@ -74,3 +78,34 @@ def file_md5(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sweep_stale(folders: list[Path]) -> list[str]:
+    """Clean what a killed run left under ``folders``; returns what it did, one line per path.
+
+    Call it only while holding the workspace's run lock (no writer is alive). A temporary
+    file or folder (``.<name>.<random>.tmp...``) is deleted: its rename never happened, so
+    the artifact it was for is still the previous complete one, or absent. A ``.<name>.old``
+    folder whose ``<name>`` is missing is the previous complete artifact of an interrupted
+    folder swap (:func:`atomic_dir`) and is put back; otherwise it is deleted.
+    """
+    done = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+            name = path.name
+            if name.endswith(".old") and path.is_dir():
+                live = path.with_name(name[1:-len(".old")])
+                if not live.exists():
+                    os.replace(path, live)
+                    done.append(f"restored {live} from an interrupted swap")
+                    continue
+            elif ".tmp" not in name:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            done.append(f"removed {path}")
+    return done

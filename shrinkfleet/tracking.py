@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import logging
 import os
+import socket
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -224,6 +225,41 @@ def log_pyfunc(tflite: Path, meta_path: Path) -> str:
                           f"ai-edge-litert=={version('ai-edge-litert')}"],
     )
     return info.model_uri
+
+
+def workspace_tags(root: Path) -> dict[str, str]:
+    """Tags naming the process and workspace of a fleet run, for :func:`close_stale_runs`."""
+    return {f"{TAG}.root": str(root.resolve()), f"{TAG}.host": socket.gethostname(), f"{TAG}.pid": str(os.getpid())}
+
+
+def close_stale_runs(experiment_id: str, root: Path) -> list[str]:
+    """Mark KILLED the runs a killed fleet run on this workspace left RUNNING; returns their ids.
+
+    Call it while holding the workspace's run lock: then no other fleet run of this
+    workspace is alive, so every RUNNING fleet run of this root and host is a dead one, and
+    so is every RUNNING run nested under it. Runs of other workspaces or hosts sharing the
+    tracking server are left alone.
+    """
+    client = MlflowClient()
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    by_id = {r.info.run_id: r for r in running}
+    tags_match = {f"{TAG}.root": str(root.resolve()), f"{TAG}.host": socket.gethostname()}
+    stale: list[str] = []
+    for run in running:
+        top, seen = run, set()
+        while (parent := top.data.tags.get("mlflow.parentRunId")) and parent not in seen:
+            seen.add(parent)
+            try:
+                top = by_id.get(parent) or client.get_run(parent)
+            except Exception:  # parent deleted: judge by what we have
+                break
+        if all(top.data.tags.get(k) == v for k, v in tags_match.items()):
+            stale.append(run.info.run_id)
+    for run_id in stale:
+        client.set_tag(run_id, f"{TAG}.closed_by", "a later run found its process gone (killed or crashed)")
+        client.set_terminated(run_id, status="KILLED")
+        log.warning("MLflow run %s was left RUNNING by a run that died; marked KILLED", run_id)
+    return stale
 
 
 def log_failed_model(name: str, stage: str, error: str) -> str:

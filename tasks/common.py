@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shrinkfleet import versioning
-from shrinkfleet.config import FleetConfig, load_params
+from shrinkfleet import faults, versioning
+from shrinkfleet.config import ConfigError, FleetConfig, load_params
 from shrinkfleet.workspace import Workspace
 
 log = logging.getLogger("shrinkfleet")
@@ -51,6 +51,13 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: not a deterministic input error (bad config or data, wrong shapes) nor a permanent fault."""
+    from shrinkfleet.datasets import DatasetError
+
+    return not isinstance(exc, (ConfigError, DatasetError, ValueError, TypeError, KeyError, faults.PermanentFault))
+
+
 def execute(
     stage: str,
     target: str,
@@ -75,7 +82,7 @@ def execute(
     from shrinkfleet.tfenv import quiet_native_stderr
 
     # TensorFlow/LiteRT's C++ notes (cuInit on CPU hosts, XNNPACK) are replayed only on failure.
-    with quiet_native_stderr():
+    with quiet_native_stderr(), faults.stage(stage, target, ctx.ws.root):
         summary = fn(ctx, target)
     if use_dvc:
         versioning.commit(ctx.ws.root, dvc_stage)

@@ -18,14 +18,32 @@ import importlib
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import execute
+from tasks.common import execute, is_transient
 
 GPU = ["gpu"]
 
 
 def _run(stage: str, target: str, root: str, params_file: str, use_dvc: bool, force: bool) -> dict:
-    module = importlib.import_module(f"tasks.{stage}")
-    return execute(stage, target, root, params_file, module.run, use_dvc, force)
+    try:
+        module = importlib.import_module(f"tasks.{stage}")
+        return execute(stage, target, root, params_file, module.run, use_dvc, force)
+    except Exception as exc:
+        _say_retry(stage, target, exc)
+        raise
+
+
+def _say_retry(stage: str, target: str, exc: Exception) -> None:
+    """Tell the user (a WARNING on the console and in Prefect) that a failed attempt will be retried."""
+    from prefect.context import TaskRunContext
+    from prefect.logging import get_run_logger
+
+    ctx = TaskRunContext.get()
+    if ctx is None or not is_transient(exc):
+        return
+    attempt, retries = ctx.task_run.run_count, ctx.task.retries or 0
+    if attempt <= retries:
+        get_run_logger().warning("%s@%s: attempt %d of %d failed (%s: %s); retrying", stage, target, attempt,
+                                 retries + 1, type(exc).__name__, exc)
 
 
 @task(name="prepare", task_run_name="prepare-{dataset}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
