@@ -243,16 +243,22 @@ def load_npz(path: Path, kind: str) -> RawData:
 
 
 def load_raw(spec: DatasetSpec, base_dir: Path) -> RawData:
-    """Load and check a dataset as params.yaml describes it (paths relative to ``base_dir``)."""
+    """Load and check a dataset as params.yaml describes it (paths relative to ``base_dir``).
+
+    Errors name the file by its resolved path, whichever folder the command runs from.
+    """
     if spec.source == "sklearn":
         raw = load_sklearn(spec.name)
-    elif spec.source == "mnist":
-        raw = load_mnist(resolve_path(spec.path, base_dir))
+        check_raw(raw, where=spec.name)
+        return raw
+    path = resolve_path(spec.path, base_dir)
+    if spec.source == "mnist":
+        raw = load_mnist(path)
     elif spec.source == "cifar10":
-        raw = load_cifar10(resolve_path(spec.path, base_dir))
+        raw = load_cifar10(path)
     else:
-        raw = load_npz(resolve_path(spec.path, base_dir), spec.kind)
-    check_raw(raw, where=getattr(spec, "path", getattr(spec, "name", "dataset")))
+        raw = load_npz(path, spec.kind)
+    check_raw(raw, where=str(path))
     return raw
 
 
