@@ -352,7 +352,11 @@ def stage(
 
 @app.command()
 def validate(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
-    """Check params.yaml (keys, types, ranges, dataset paths) without running anything."""
+    """Check params.yaml and everything a run needs, without running or writing anything.
+
+    Keys, types and ranges; every dataset file, loaded and checked; the output folders; the
+    MLflow server in MLFLOW_TRACKING_URI; S3 credentials when remote storage is configured.
+    """
     root, params = _paths(root, params)
     fleet = _load(params)
     problems = preflight(fleet, params, root, fleet.model_names())
