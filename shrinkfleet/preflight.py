@@ -18,14 +18,13 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Any
 
 from shrinkfleet.config import ConfigError, FleetConfig, resolve_path
 
 PROBE_TIMEOUT_S = 5.0
 # Folders a run writes into (see shrinkfleet.workspace), with what goes there.
 OUTPUTS: tuple[tuple[str, str], ...] = (
-    (".", "the project (params, dvc.lock, mlflow.db)"),
+    (".", "dvc.lock, mlflow.db and the output folders"),
     ("data/prepared", "prepared datasets"),
     ("models", "models and their variants"),
     ("metrics", "metrics"),
@@ -138,7 +137,7 @@ def storage_problems(fleet: FleetConfig) -> list[str]:
 
 def all_problems(fleet: FleetConfig, params: Path, root: Path, models: list[str]) -> list[str]:
     """Every check above, in order: datasets, output folders, MLflow server, remote storage."""
-    problems: list[Any] = []
+    problems: list[str] = []
     problems += dataset_problems(fleet, params.parent, models)
     problems += unwritable_outputs(root)
     problems += tracking_problems()
