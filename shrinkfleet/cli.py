@@ -60,19 +60,14 @@ def _load(params: Path):
 
 
 def preflight(fleet: Any, params: Path, root: Path, models: list[str]) -> list[str]:
-    """Problems that would stop the run later, found now: missing data files, unwritable root."""
-    from shrinkfleet.config import resolve_path
+    """Problems that would stop the run later, found now and all together (see :mod:`shrinkfleet.preflight`).
 
-    problems = []
-    for ds in fleet.datasets_in_use(models):
-        spec = fleet.datasets[ds]
-        if spec.source != "sklearn":
-            path = resolve_path(spec.path, params.parent)
-            if not path.exists():
-                problems.append(f"datasets.{ds}.path: {path} does not exist")
-    if not os.access(root, os.W_OK):
-        problems.append(f"{root}: the project folder is not writable (artifacts go under it)")
-    return problems
+    Datasets are loaded and checked, output folders must be writable, an MLflow server in
+    MLFLOW_TRACKING_URI must answer, remote storage needs credentials. Writes nothing.
+    """
+    from shrinkfleet.preflight import all_problems
+
+    return all_problems(fleet, params, root, models)
 
 
 def dvc_preflight(root: Path, params: Path) -> list[str]:
@@ -137,9 +132,6 @@ def run(
     except ConfigError as exc:
         _fail(str(exc))
     problems = preflight(fleet, params, root, names)
-    if problems:
-        _fail("cannot start:\n  " + "\n  ".join(problems))
-    _remote_storage(fleet, root)  # credentials, bucket, DVC remote: checked before any work
     from shrinkfleet import versioning
 
     use_dvc = not no_dvc
@@ -151,9 +143,11 @@ def run(
         err.print(f"[yellow]note:[/] DVC tracks {root / 'params.yaml'}; with --params {params} stages always run "
                   "and are not recorded", soft_wrap=True)
     elif use_dvc:
-        missing = dvc_preflight(root, params)
-        if missing:
-            _fail("cannot start:\n  " + "\n  ".join(missing))
+        problems += dvc_preflight(root, params)
+    if problems:
+        _fail("cannot start:\n  " + "\n  ".join(problems))
+    # Only now, every check passed: this may create the bucket and writes the DVC remote into .dvc/config.
+    _remote_storage(fleet, root)
 
     where = (f"Dask at {run_cfg.dask_address}" if run_cfg.dask_address
              else f"{run_cfg.workers} {run_cfg.engine} worker(s)")
@@ -377,7 +371,11 @@ def stage(
 
 @app.command()
 def validate(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
-    """Check params.yaml (keys, types, ranges, dataset paths) without running anything."""
+    """Check params.yaml and everything a run needs, without running or writing anything.
+
+    Keys, types and ranges; every dataset file, loaded and checked; the output folders; the
+    MLflow server in MLFLOW_TRACKING_URI; S3 credentials when remote storage is configured.
+    """
     root, params = _paths(root, params)
     fleet = _load(params)
     problems = preflight(fleet, params, root, fleet.model_names())

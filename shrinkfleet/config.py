@@ -666,12 +666,59 @@ def _is_tag(part: str) -> bool:
     return part in {"mlp", "cnn", "sklearn", "mnist", "cifar10", "npz"}
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A YAML mapping repeats a key; ``path`` is its key path (``models.digits-cnn``)."""
+
+    def __init__(self, path: str, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__(problem=f"duplicate key {path}", problem_mark=again)
+        self.path, self.line, self.first_line = path, again.line + 1, first.line + 1
+
+    def __str__(self) -> str:
+        return (f"{self.path}: duplicate key (line {self.line}; first at line {self.first_line}); YAML would "
+                "silently keep only the last one, so give each entry its own name")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping repeating a key, naming the key path and line.
+
+    PyYAML keeps the last of two equal keys without a word, so two models with the same name
+    would quietly become one. The whole document is composed (the node tree, no Python
+    objects yet) and checked before the safe constructor builds anything, so loading stays
+    exactly as safe as ``yaml.safe_load``. Keys brought in by a merge (``<<: *defaults``) may
+    be overridden, as YAML intends; only keys written twice in the same mapping are refused.
+    """
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_unique(node, "")
+        return self.construct_document(node)
+
+
+def _check_unique(node: yaml.Node, path: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, yaml.Mark] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else f"<{key.tag}>"
+            child = f"{path}.{name}" if path else str(name)
+            if key.tag != "tag:yaml.org,2002:merge":
+                if name in seen:
+                    raise DuplicateKeyError(child, seen[name], key.start_mark)
+                seen[name] = key.start_mark
+            _check_unique(value, child)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique(item, f"{path}[{i}]")
+
+
 def load_params(path: Path | str) -> FleetConfig:
     """Read, validate and cross-check a params.yaml.
 
     Raises:
-        ConfigError: the file is missing or unreadable, is not YAML, or a key is wrong;
-            the message names the file and every offending key path.
+        ConfigError: the file is missing or unreadable, is not YAML, repeats a key (see
+            :class:`UniqueKeyLoader`), or a key is wrong; the message names the file and every
+            offending key path.
     """
     path = Path(path)
     try:
@@ -679,7 +726,9 @@ def load_params(path: Path | str) -> FleetConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the fleet definition ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: invalid fleet definition\n  {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

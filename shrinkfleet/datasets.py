@@ -18,6 +18,7 @@ import pickle
 import re
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -102,8 +103,10 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DatasetError(f"{path}: cannot read IDX file ({exc})") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DatasetError(f"{path}: cannot read IDX file: truncated or corrupt gzip ({exc})") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read IDX file ({exc.strerror or exc})") from None
     if len(data) < 8:
         raise DatasetError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
     found = int.from_bytes(data[:4], "big")
@@ -208,8 +211,8 @@ def load_cifar10(path: Path) -> RawData:
             if "batches.meta" in members:
                 meta = _ArrayUnpickler(io.BytesIO(tar.extractfile(members["batches.meta"]).read()), encoding="bytes")
                 names = [n.decode() for n in meta.load().get(b"label_names", [])]
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DatasetError(f"{path}: cannot read the tarball ({exc})") from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise DatasetError(f"{path}: cannot read the tarball, truncated or corrupt? ({exc})") from None
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     return RawData(x=x, y=y, kind="image", x_test=x_test, y_test=y_test, scale=255.0, class_names=names)
@@ -222,7 +225,7 @@ def load_npz(path: Path, kind: str) -> RawData:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise DatasetError(f"{path}: cannot read as .npz ({exc})") from None
     if {"x_train", "y_train"} <= arrays.keys():
         raw = RawData(x=arrays["x_train"], y=arrays["y_train"], kind=kind)
@@ -240,21 +243,32 @@ def load_npz(path: Path, kind: str) -> RawData:
 
 
 def load_raw(spec: DatasetSpec, base_dir: Path) -> RawData:
-    """Load and check a dataset as params.yaml describes it (paths relative to ``base_dir``)."""
+    """Load and check a dataset as params.yaml describes it (paths relative to ``base_dir``).
+
+    Errors name the file by its resolved path, whichever folder the command runs from.
+    """
     if spec.source == "sklearn":
         raw = load_sklearn(spec.name)
-    elif spec.source == "mnist":
-        raw = load_mnist(resolve_path(spec.path, base_dir))
+        check_raw(raw, where=spec.name)
+        return raw
+    path = resolve_path(spec.path, base_dir)
+    if spec.source == "mnist":
+        raw = load_mnist(path)
     elif spec.source == "cifar10":
-        raw = load_cifar10(resolve_path(spec.path, base_dir))
+        raw = load_cifar10(path)
     else:
-        raw = load_npz(resolve_path(spec.path, base_dir), spec.kind)
-    check_raw(raw, where=getattr(spec, "path", getattr(spec, "name", "dataset")))
+        raw = load_npz(path, spec.kind)
+    check_raw(raw, where=str(path))
     return raw
 
 
 def check_raw(raw: RawData, where: str) -> None:
-    """Reject shapes, labels and values that would fail (or silently mislead) training."""
+    """Reject shapes, labels and values that would fail (or silently mislead) training.
+
+    Labels are checked against the class range the data itself declares: the source's class
+    names when it has them (MNIST, CIFAR-10), and the training labels' range for the test
+    split (a test class the model never saw). params.yaml declares no class count.
+    """
     pairs = [("x/y", raw.x, raw.y)]
     if raw.x_test is not None:
         pairs.append(("x_test/y_test", raw.x_test, raw.y_test))
@@ -277,6 +291,11 @@ def check_raw(raw: RawData, where: str) -> None:
             raise DatasetError(f"{where}: {label}: labels must be integer class ids 0..C-1, got {y.dtype}")
         if y.min() < 0:
             raise DatasetError(f"{where}: {label}: labels must be class ids >= 0, found {int(y.min())}")
+    if raw.class_names:  # the source names its classes (MNIST's 10 digits, CIFAR's batches.meta)
+        for label, _, y in pairs:
+            if int(y.max()) >= len(raw.class_names):
+                raise DatasetError(f"{where}: {label}: label {int(y.max())} is outside the source's "
+                                   f"{len(raw.class_names)} classes 0..{len(raw.class_names) - 1}")
     if raw.x_test is not None:
         if raw.x_test.shape[1:] != raw.x.shape[1:]:
             raise DatasetError(f"{where}: test features {raw.x_test.shape[1:]} differ from train {raw.x.shape[1:]}")

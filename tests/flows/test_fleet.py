@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -135,16 +134,14 @@ def test_dvc_repro_alone_reproduces_a_model_and_the_flow_agrees(tmp_path, tiny_p
 
 
 def test_a_failing_model_does_not_stop_the_fleet(tmp_path, tiny_params):
-    raw = tmp_path / "p" / "data" / "raw"
-    raw.mkdir(parents=True)
-    np.savez(raw / "broken.npz", x=np.array([[0.0, np.nan], [1.0, 2.0]] * 10), y=np.array([0, 1] * 10))
-    tiny_params["datasets"]["broken"] = {"source": "npz", "path": "data/raw/broken.npz"}
-    tiny_params["models"]["cancer-mlp"]["dataset"] = "broken"
+    # A fault preflight cannot see: the threshold is judged on the train split's variances,
+    # known only once prepare has split the data (a NaN dataset would stop the run before work).
+    tiny_params["datasets"]["cancer"]["features"] = {"variance_threshold": 1e9}
     project = make_project(tmp_path / "p", tiny_params)
     result = shrinkfleet_cmd("run", cwd=project)
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stdout + result.stderr
     assert "cancer-mlp" in result.stdout and "prepare failed" in result.stdout
-    assert "feature values are NaN" in result.stdout
+    assert "variance_threshold 1000000000.0 drops all 30 features" in result.stdout
     assert (project / "metrics" / "digits-mlp.json").is_file()
     assert not (project / "metrics" / "cancer-mlp.json").exists()
     report = (project / "reports" / "fleet.md").read_text()

@@ -131,9 +131,39 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_yaml_is_loaded_safely(tmp_path, tiny_params):
     p = tmp_path / "params.yaml"
+    del tiny_params["fleet"]  # written once, as the tagged value (a second one would be a duplicate key)
     p.write_text("fleet: !!python/object/apply:os.system ['echo pwned']\n" + yaml.safe_dump(tiny_params))
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(p)
+
+
+def test_duplicate_model_names_are_refused_with_key_path_and_line(tmp_path, tiny_params):
+    p = tmp_path / "params.yaml"
+    text = yaml.safe_dump(tiny_params, sort_keys=False)  # models: is the last section
+    p.write_text(text + "  digits-mlp: {dataset: cancer}\n")
+    first = text.splitlines().index("  digits-mlp:") + 1
+    last = len(text.splitlines()) + 1
+    with pytest.raises(ConfigError) as exc:
+        load_params(p)
+    assert f"models.digits-mlp: duplicate key (line {last}; first at line {first})" in str(exc.value)
+
+
+def test_duplicate_keys_anywhere_name_their_path(tmp_path, tiny_params):
+    p = tmp_path / "params.yaml"
+    text = yaml.safe_dump(tiny_params, sort_keys=False)
+    text = text.replace("prune:\n  target_sparsity: 0.5\n", "prune:\n  target_sparsity: 0.5\n  power: 2\n  power: 3\n")
+    p.write_text(text)
+    with pytest.raises(ConfigError, match="prune.power: duplicate key"):
+        load_params(p)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path, tiny_params):
+    p = tmp_path / "params.yaml"
+    text = yaml.safe_dump(tiny_params, sort_keys=False)
+    text = text.replace("teacher:\n  epochs: 4\n", "teacher: &t\n  epochs: 4\n")
+    text = text.replace("distill:\n  temperature: 4.0\n", "distill:\n  <<: *t\n  temperature: 4.0\n")
+    p.write_text(text)
+    assert load_params(p).distill.learning_rate == 0.005  # distill's own key wins over teacher's 0.003
 
 
 def test_recipe_step_overrides_resolve_and_are_checked(tiny_params):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shrinkfleet.config import NpzDataset, SplitConfig
+from shrinkfleet.config import MnistDataset, NpzDataset, SplitConfig
 from shrinkfleet.datasets import (
     DatasetError,
     RawData,
@@ -111,6 +111,21 @@ def test_mnist_truncated_gzip(tmp_path, mnist_dir):
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(data[: len(data) // 2])
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes((mnist_dir / "t10k-labels-idx1-ubyte.gz").read_bytes())
     with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte.gz: cannot read IDX file"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_labels_outside_its_ten_classes(tmp_path):
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", 2051, np.zeros((4, 28, 28), np.uint8))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", 2049, np.array([0, 1, 2, 12], np.uint8))
+    with pytest.raises(DatasetError, match="label 12 is outside the source's 10 classes 0..9"):
+        load_raw(MnistDataset(path=str(tmp_path)), tmp_path)
+
+
+def test_mnist_corrupt_gzip_stream(tmp_path):
+    good = gzip.compress(b"\x00" * 4000)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(good[:20] + b"\xff" * 40 + good[60:])
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", 2049, np.zeros(3, np.uint8))
+    with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte.gz: cannot read IDX file: truncated or corrupt"):
         load_mnist(tmp_path)
 
 
