@@ -146,19 +146,19 @@ def run(
         problems += dvc_preflight(root, params)
     if problems:
         _fail("cannot start:\n  " + "\n  ".join(problems))
-    # Only now, every check passed: this may create the bucket and writes the DVC remote into .dvc/config.
-    _remote_storage(fleet, root)
-
-    where = (f"Dask at {run_cfg.dask_address}" if run_cfg.dask_address
-             else f"{run_cfg.workers} {run_cfg.engine} worker(s)")
-    console.print(f"[bold]shrinkfleet[/] fleet [cyan]{fleet.fleet}[/]: {len(names)} model(s), "
-                  f"{where}, DVC {'on' if use_dvc else 'off'}")
     start = time.perf_counter()
     try:
-        # Taken here, before Prefect starts, so a refusal is immediate; the flow sees this process holds it.
+        # Taken before anything is written or Prefect starts, so a refusal is immediate and leaves no trace;
+        # the flow sees that this process holds it.
         with locks.run_lock(root, if_busy, on_wait=lambda info: err.print(
                 f"[yellow]waiting:[/] {escape(locks.describe(info))} holds {root}; this run starts when it ends",
                 soft_wrap=True)):
+            # Only now, every check passed: this may create the bucket and writes the DVC remote into .dvc/config.
+            _remote_storage(fleet, root)
+            where = (f"Dask at {run_cfg.dask_address}" if run_cfg.dask_address
+                     else f"{run_cfg.workers} {run_cfg.engine} worker(s)")
+            console.print(f"[bold]shrinkfleet[/] fleet [cyan]{fleet.fleet}[/]: {len(names)} model(s), "
+                          f"{where}, DVC {'on' if use_dvc else 'off'}")
             summary = _run_with_progress(params, root, names, force, use_dvc, trigger, workers, engine,
                                          dask_address)
     except locks.WorkspaceBusy as exc:

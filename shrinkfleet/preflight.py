@@ -142,4 +142,16 @@ def all_problems(fleet: FleetConfig, params: Path, root: Path, models: list[str]
     problems += unwritable_outputs(root)
     problems += tracking_problems()
     problems += storage_problems(fleet)
+    problems += fault_problems()
     return problems
+
+
+def fault_problems(environ: dict[str, str] | None = None) -> list[str]:
+    """A malformed ``SHRINKFLEET_FAULTS`` (test-only fault injection, see :mod:`shrinkfleet.faults`)."""
+    from shrinkfleet import faults
+
+    try:
+        faults.parse((os.environ if environ is None else environ).get(faults.ENV, ""))
+    except ValueError as exc:
+        return [str(exc)]
+    return []

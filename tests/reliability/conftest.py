@@ -32,9 +32,11 @@ def reliable_params() -> dict:
 
 
 def one_model(params: dict, model: str = "cancer-mlp") -> dict:
-    """``params`` with only ``model`` in the fleet."""
+    """``params`` with only ``model`` (and its dataset) in the fleet."""
     params = copy.deepcopy(params)
     params["models"] = {model: params["models"][model]}
+    dataset = params["models"][model]["dataset"]
+    params["datasets"] = {dataset: params["datasets"][dataset]}
     return params
 
 

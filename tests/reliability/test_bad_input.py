@@ -267,3 +267,9 @@ def test_every_problem_is_reported_at_once(project):
     message = run_and_check_nothing_written(project, "cannot start:", {"MLFLOW_TRACKING_URI": uri})
     for cause in ("feature values are NaN", "models: is a file", f"MLFLOW_TRACKING_URI={uri}"):
         assert cause in message
+
+
+def test_malformed_fault_injection_setting(project):
+    message = run_and_check_nothing_written(project, "SHRINKFLEET_FAULTS: 'teacher=sometimes'",
+                                            {"SHRINKFLEET_FAULTS": "teacher=sometimes"})
+    assert "count, fail, hang or delay:S" in message
