@@ -1,11 +1,12 @@
 """One fleet run per workspace at a time, and alias moves one at a time per registry.
 
-``<project>/.shrinkfleet/run.lock`` is held (``flock``) for the whole of a fleet run. A second
+A fleet run holds an exclusive ``flock`` on the project folder for its whole length. A second
 run on the same workspace either waits for it (the default: a manual run started during the
 nightly one runs after it) or, with ``--if-busy refuse``, stops at once with exit code 3,
-naming the holder. The kernel releases the lock when its process dies, even by SIGKILL, so a
-crashed run never leaves the workspace locked; the holder's pid, host and start time in the
-file are only for the message.
+naming the holder (its pid, command and start time, read from ``/proc/locks``). The kernel
+releases the lock when its process dies, even by SIGKILL, so a crashed run never leaves the
+workspace locked. It is a lock between processes of one host: two machines sharing a
+workspace over NFS are not serialised by it.
 
 Registry alias moves (gate promotion, ``promote``, ``rollback``) read the current
 ``production`` version, move the alias and record the move; :func:`registry_lock` makes that
@@ -17,13 +18,11 @@ Machines sharing one MLflow server are not serialised by it: schedule them apart
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import fcntl
 import hashlib
-import json
 import os
 import socket
-import sys
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -40,29 +39,47 @@ class WorkspaceBusy(RuntimeError):
     """Another fleet run holds the workspace and ``--if-busy refuse`` was asked for."""
 
 
-def lock_path(root: Path) -> Path:
-    return root / ".shrinkfleet" / "run.lock"
-
-
 def holder(root: Path) -> dict:
-    """Who holds (or last held) the workspace's run lock: pid, host, started, command; ``{}`` if unknown."""
+    """Who holds the workspace's run lock (pid, host, started, command), from ``/proc/locks``; else ``{}``."""
     try:
-        return json.loads(lock_path(root).read_text() or "{}")
-    except (OSError, ValueError):
+        st = os.stat(root)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
         return {}
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 17925 fe:00:2147422 0 EOF"; waiting requests are marked "->"
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == key:
+            pid = int(parts[4])
+            info: dict = {"pid": pid, "host": socket.gethostname()}
+            with contextlib.suppress(OSError):
+                argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+                if len(argv) > 1 and "python" in Path(argv[0]).name:  # a console script: python <script> args
+                    argv = argv[1:]
+                info["command"] = " ".join([Path(argv[0]).name, *argv[1:]])[:300]
+            with contextlib.suppress(OSError, subprocess.CalledProcessError):
+                info["started"] = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True,
+                                                 text=True, check=True).stdout.strip()
+            return info
+    return {}
 
 
 def describe(info: dict) -> str:
     if not info:
         return "another shrinkfleet run"
-    return (f"the run of pid {info.get('pid')} on {info.get('host')}, started {info.get('started')} "
-            f"({info.get('command', '')})")
+    started = f", started {info['started']}" if info.get("started") else ""
+    command = f" ({info['command']})" if info.get("command") else ""
+    return f"the run of pid {info['pid']} on {info['host']}{started}{command}"
 
 
 @contextlib.contextmanager
 def run_lock(root: Path, if_busy: str = "wait",
              on_wait: Callable[[dict], None] | None = None) -> Iterator[None]:
-    """Hold the workspace's run lock for the body.
+    """Hold the workspace's run lock for the body: an exclusive ``flock`` on the project folder itself.
+
+    Locking the folder writes nothing into it, so a run stopped before its work leaves the
+    project untouched.
 
     Args:
         if_busy: ``wait`` blocks until the holder finishes; ``refuse`` raises at once.
@@ -77,12 +94,10 @@ def run_lock(root: Path, if_busy: str = "wait",
         return
     if if_busy not in IF_BUSY:
         raise ValueError(f"if_busy must be one of {', '.join(IF_BUSY)}, not {if_busy!r}")
-    path = lock_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # "a" never truncates the holder's info before the lock is ours.
-    with open(path, "a+") as fh:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)  # not inherited by worker processes (PEP 446)
+    try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             info = holder(root)
             if if_busy == "refuse":
@@ -90,21 +105,15 @@ def run_lock(root: Path, if_busy: str = "wait",
                                     "or run with --if-busy wait to queue behind it") from None
             if on_wait is not None:
                 on_wait(info)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({
-            "pid": os.getpid(), "host": socket.gethostname(),
-            "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
-        }))
-        fh.flush()
+            fcntl.flock(fd, fcntl.LOCK_EX)
         _held.add(root)
         try:
             yield
         finally:
             _held.discard(root)
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

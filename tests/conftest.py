@@ -62,6 +62,18 @@ TINY_PARAMS: dict = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_mlflow_env():
+    """Undo what in-process MLflow calls put in os.environ (``set_tracking_uri`` and ``set_experiment``
+    export MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID), so no later test's subprocess inherits them."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        if key not in saved:
+            del os.environ[key]
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def tiny_params() -> dict:
     """A deep copy of the two-model tiny fleet, free to edit."""

@@ -84,7 +84,7 @@ def test_concurrent_alias_moves_form_one_unbroken_history(tmp_path):
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     client.create_registered_model(MODEL)
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=client.create_experiment("artifacts")) as run:
         mlflow.log_text("x", "model/file.txt")
     for _ in range(3):
         client.create_model_version(MODEL, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
