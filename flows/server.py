@@ -13,12 +13,19 @@ import os
 from collections.abc import Iterator
 
 
+def configured_api() -> str | None:
+    """The Prefect API URL of the settings or environment, if any."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL") or None
+
+
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str]:
     """Yield the API URL in use: the configured one, or a temporary local server's."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    configured = PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL")
+    configured = configured_api()
     if configured:
         yield configured
         return

@@ -83,6 +83,11 @@ def content_hash(tflite: Path, preprocessing: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
+def has_content(model: str, digest: str) -> bool:
+    """Whether a version of ``model`` already holds this content (then no pyfunc needs logging)."""
+    return any(v.tags.get(f"{T}.content_sha256") == digest for v in versions(model))
+
+
 def _client() -> MlflowClient:
     return MlflowClient()
 
@@ -190,7 +195,8 @@ def consider(
         candidate: the variant the gate chose, or None when none passed.
         gate_verdicts: variant -> "pass" / "fail: ..." (reported, and tagged on the version).
         tflite, preprocessing, model_uri: the candidate's flatbuffer, its dataset meta, and
-            the logged pyfunc's URI (``None`` when there is no candidate).
+            the logged pyfunc's URI (``None`` when there is no candidate, or when its content
+            is already a version: see :func:`has_content`; only new content is registered).
         version_tags: metrics, recipe, git sha, DVC hashes and run ids to put on a new version.
     """
     reg = Registration(model=model, candidate=candidate, gate=gate_verdicts)
@@ -201,7 +207,7 @@ def consider(
         reg.reason = "no variant passed the gate; production " + (
             f"stays at v{current.version}" if current else "is still unset")
         return reg
-    assert tflite is not None and preprocessing is not None and model_uri is not None
+    assert tflite is not None and preprocessing is not None
     digest = content_hash(tflite, preprocessing)
     same = [v for v in versions(model) if v.tags.get(f"{T}.content_sha256") == digest]
     if current is not None and current.tags.get(f"{T}.content_sha256") == digest:
@@ -217,6 +223,8 @@ def consider(
                           f"automatically (use `shrinkfleet promote {model} {target.version}`)")
             return reg
     else:
+        if model_uri is None:
+            raise ValueError(f"{model}: {candidate} is new content, so it needs its logged pyfunc's URI to register")
         _ensure_registered_model(model, f"shrinkfleet fleet member {model}: best gate-passing TFLite variant")
         tags = {**version_tags, f"{T}.content_sha256": digest, f"{T}.variant": candidate}
         mv = mlflow.register_model(model_uri, model, tags=tags)

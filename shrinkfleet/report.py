@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import html
 import json
 import re
@@ -83,7 +84,7 @@ def markdown(pretty: pd.DataFrame) -> str:
     return pretty.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
-def plot_model(doc: dict[str, Any], path: Path) -> None:
+def plot_model(doc: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Accuracy vs coded bytes (log scale) of one model's variants, Pareto front drawn, as PNG."""
     import matplotlib
 
@@ -111,9 +112,7 @@ def plot_model(doc: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{doc['model']}: accuracy vs coded size (squares: Keras, red: Pareto front)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _save(fig, path, metadata)
 
 
 def best_variant(doc: dict[str, Any]) -> str | None:
@@ -144,7 +143,7 @@ def waterfall(doc: dict[str, Any]) -> list[tuple[str, float, str]]:
     return steps
 
 
-def plot_waterfall(doc: dict[str, Any], path: Path) -> None:
+def plot_waterfall(doc: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Bytes at each step from teacher to coded variant (log scale), each bar labelled with its ratio."""
     plt = _pyplot()
     steps = waterfall(doc)
@@ -161,7 +160,7 @@ def plot_waterfall(doc: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{doc['model']}: where the bytes go (ratio vs the teacher)")
     ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, metadata)
 
 
 def plot_trend(trend: pd.DataFrame, model: str, path: Path) -> None:
@@ -191,10 +190,39 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: Path) -> None:
+def _save(fig: Any, path: Path, metadata: dict[str, str] | None = None) -> None:
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata=metadata)
     _pyplot().close(fig)
+
+
+PLOT_KEY = "shrinkfleet-plot-key"
+
+
+def _plot_key(fn: Any, doc: dict[str, Any]) -> str:
+    """What a plot depends on: the plotting function's code and the model's metrics document."""
+    code = fn.__code__
+    h = hashlib.sha256(code.co_code + repr(code.co_consts).encode())
+    h.update(json.dumps(doc, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _plot_if_changed(fn: Any, doc: dict[str, Any], path: Path) -> None:
+    """Draw ``fn(doc, path)`` unless ``path`` holds the same plot already (a night where nothing changed).
+
+    The key is stored in the PNG's own text metadata, so an edited or foreign file is redrawn.
+    """
+    key = _plot_key(fn, doc)
+    if path.is_file():
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                if img.info.get(PLOT_KEY) == key:
+                    return
+        except OSError:
+            pass
+    fn(doc, path, metadata={PLOT_KEY: key})
 
 
 # ----------------------------------------------------------------------------- from MLflow
@@ -305,10 +333,10 @@ def write_report(ws: Workspace, docs: dict[str, dict[str, Any]], failures: dict[
             stale.unlink()
     for model, doc in docs.items():
         pareto_png = plot_dir / f"{model}-pareto.png"
-        plot_model(doc, pareto_png)
+        _plot_if_changed(plot_model, doc, pareto_png)
         plots.append((model, "accuracy vs coded bytes", pareto_png))
         waterfall_png = plot_dir / f"{model}-waterfall.png"
-        plot_waterfall(doc, waterfall_png)
+        _plot_if_changed(plot_waterfall, doc, waterfall_png)
         plots.append((model, "bytes from teacher to coded variant", waterfall_png))
         if trends is not None and (trends["model"] == model).sum() >= 2:
             trend_png = plot_dir / f"{model}-trend.png"

@@ -94,9 +94,14 @@ def stage_status(root: Path, stage: str) -> dict[str, Any]:
 
 
 def up_to_date(root: Path, stages: list[str]) -> set[str]:
-    """Which of ``stages`` DVC reports up to date, asked in one pass (one repo, one lock)."""
+    """Which of ``stages`` DVC reports up to date, asked in one pass (one repo, one lock).
+
+    It asks for the status of the whole pipeline and picks ``stages`` from it: DVC parses
+    dvc.yaml and dvc.lock once for that, but again for every target it is given (2.5 s
+    against 0.5 s for a two-model fleet).
+    """
     with _repo(root) as repo:
-        changed = repo.status(targets=stages)
+        changed = repo.status()
     return {s for s in stages if s not in changed}
 
 

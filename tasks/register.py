@@ -83,18 +83,22 @@ def record(ws: Workspace, cfg: ResolvedModel, stages: dict[str, str], use_dvc: b
     decision = gate.decide(doc["variants"], cfg.gate)
     verdicts = {name: decision.verdict(name) for name in doc["variants"]}
     hashes = dvc_outs(ws, cfg, use_dvc)
-    serve = decision.candidate if cfg.gate.promote else None
+    candidate = decision.candidate if cfg.gate.promote else None
+    tflite = ws.root / doc["variants"][candidate]["path"] if candidate else None
+    preprocessing = json.loads((ws.prepared(cfg.dataset_name) / "meta.json").read_text()) if candidate else None
+    # A servable pyfunc is logged only for content the registry lacks: on a night with nothing
+    # changed the candidate is the production version's bytes, and its pyfunc exists already.
+    serve = candidate
+    if candidate and registry.has_content(cfg.name, registry.content_hash(tflite, preprocessing)):
+        serve = None
     logged = tracking.log_model(ws.root, cfg, doc, stages, hashes, ws.prepared(cfg.dataset_name),
                                 gate_verdicts=verdicts, serve=serve)
     reg = None
     if cfg.gate.promote:
-        candidate = decision.candidate
-        tags = {} if candidate is None else version_tags(
+        tags = {} if serve is None else version_tags(
             ws, cfg, doc, candidate, logged, hashes, mlflow.active_run().info.run_id, git_sha)
         registration = registry.consider(
-            cfg.name, candidate, verdicts,
-            tflite=ws.root / doc["variants"][candidate]["path"] if candidate else None,
-            preprocessing=json.loads((ws.prepared(cfg.dataset_name) / "meta.json").read_text()) if candidate else None,
+            cfg.name, candidate, verdicts, tflite=tflite, preprocessing=preprocessing,
             model_uri=logged.model_uri, version_tags=tags, trigger=trigger,
         )
         reg = registration.to_dict()

@@ -134,6 +134,22 @@ def test_report_files_have_the_right_numbers_and_valid_plots(store, tmp_path):
     assert len(pd.read_csv(ws.reports / "trends.csv")) == 2
 
 
+def test_plots_of_unchanged_metrics_are_not_redrawn(store, tmp_path):
+    docs = report.docs_from_mlflow(store)
+    ws = Workspace(tmp_path / "project")
+    report.write_report(ws, docs, {}, {"fleet": "fixture"})
+    pareto = ws.reports / "plots" / "digits-mlp-pareto.png"
+    first = pareto.stat().st_mtime_ns, pareto.read_bytes()
+    report.write_report(ws, docs, {}, {"fleet": "fixture"})  # a night where nothing changed
+    assert (pareto.stat().st_mtime_ns, pareto.read_bytes()) == first
+    docs["digits-mlp"]["variants"]["pruned-int8"]["accuracy"] -= 0.1  # a changed metric is drawn again
+    report.write_report(ws, docs, {}, {"fleet": "fixture"})
+    assert pareto.read_bytes() != first[1]
+    pareto.write_bytes(b"not a png")  # so is a damaged file
+    report.write_report(ws, docs, {}, {"fleet": "fixture"})
+    assert pareto.read_bytes()[:8] == PNG
+
+
 def test_dvc_plots_show_renders_the_report(store, tmp_path, tiny_params):
     import yaml
 
