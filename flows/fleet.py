@@ -16,6 +16,7 @@ which model failed at which stage.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -332,14 +333,38 @@ def _tag_workers(run_id: str, workers: dict[str, str]) -> None:
             client.set_tag(run_id, f"shrinkfleet.worker.{stage}", worker)
 
 
+# (state key, stages up to date) of the last DVC status pass of this process.
+_last_status: tuple[tuple, set[str]] | None = None
+
+
+def _state_key(root: Path) -> tuple:
+    """Changes when anything DVC's status depends on might have: the pipeline, lock and params files."""
+    def stat(p: Path) -> tuple:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            return (0, 0)
+        return (st.st_mtime_ns, st.st_size)
+
+    return (str(root), *(stat(root / f) for f in ("dvc.yaml", "dvc.lock", "params.yaml")), time.monotonic() // 60)
+
+
 def _skippable(root: Path, datasets: list[str], names: list[str], fleet: Any) -> set[str]:
     """Stages that need no task at all: DVC reports them and every stage upstream up to date.
 
     One DVC pass in the flow process; a stage with a stale upstream is submitted and decides
-    for itself once its upstream has been re-run and committed.
+    for itself once its upstream has been re-run and committed. :func:`run_fleet` asks the
+    same just before the flow starts; that answer is reused when the pipeline, lock and
+    params files are unchanged and it is under a minute old.
     """
+    global _last_status
     stages = [f"prepare@{ds}" for ds in datasets] + [f"{s}@{m}" for m in names for s, _ in MODEL_TASKS]
-    clean = versioning.up_to_date(root, stages)
+    key = _state_key(root)
+    if _last_status is not None and _last_status[0] == key:  # asked a moment ago (run_fleet), nothing changed since
+        clean = _last_status[1] & set(stages)
+    else:
+        clean = versioning.up_to_date(root, stages)
+        _last_status = (key, clean)
     skip = {f"prepare@{ds}" for ds in datasets if f"prepare@{ds}" in clean}
     for m in names:
         upstream_ok = f"prepare@{fleet.models[m].dataset}" in skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,13 +118,23 @@ def commit(root: Path, stage: str) -> None:
 
 def lock_entry(root: Path, stage: str) -> dict[str, Any]:
     """The stage's entry in dvc.lock (deps/outs with md5), or ``{}``."""
+    lock = root / "dvc.lock"
+    try:
+        st = lock.stat()
+    except FileNotFoundError:
+        return {}
+    return _lock_stages(str(lock), st.st_mtime_ns, st.st_size).get(stage, {})
+
+
+@functools.lru_cache(maxsize=4)
+def _lock_stages(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """dvc.lock's stages, parsed once per version of the file (the C loader when PyYAML has it)."""
     import yaml
 
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    data = yaml.safe_load(lock.read_text()) or {}
-    return data.get("stages", {}).get(stage, {})
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    with open(path) as fh:
+        data = yaml.load(fh, Loader=loader) or {}
+    return data.get("stages", {})
 
 
 def out_hashes(root: Path, stage: str) -> dict[str, str]:
