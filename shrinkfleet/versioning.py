@@ -131,9 +131,8 @@ def _lock_stages(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
     """dvc.lock's stages, parsed once per version of the file (the C loader when PyYAML has it)."""
     import yaml
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with open(path) as fh:
-        data = yaml.load(fh, Loader=loader) or {}
+        data = (yaml.load(fh, Loader=yaml.CSafeLoader) if hasattr(yaml, "CSafeLoader") else yaml.safe_load(fh)) or {}
     return data.get("stages", {})
 
 

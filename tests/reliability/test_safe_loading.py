@@ -79,7 +79,8 @@ def _unsafe_calls(path: Path) -> list[str]:
             continue
         func = node.func
         # yaml.load is fine with the project's duplicate-refusing SafeLoader (checked below)
-        safe_loader = any(kw.arg == "Loader" and getattr(kw.value, "id", "") in SAFE_LOADERS for kw in node.keywords)
+        safe_loader = any(kw.arg == "Loader" and (getattr(kw.value, "id", "") or getattr(kw.value, "attr", ""))
+                          in SAFE_LOADERS for kw in node.keywords)
         if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
                 and (func.value.id, func.attr) in UNSAFE and not safe_loader):
             found.append(f"{path.relative_to(REPO)}:{node.lineno} {func.value.id}.{func.attr}")
