@@ -15,9 +15,12 @@ which model failed at which stage.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import heapq
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,7 +86,111 @@ def task_runner(run: RunConfig) -> TaskRunner:
             return DaskTaskRunner(address=run.dask_address)
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
             "n_workers": run.workers, "threads_per_worker": 1, "processes": True})
-    return ProcessPoolTaskRunner(max_workers=run.workers)
+    return WorkerPool(max_workers=run.workers, max_stages_per_worker=run.worker_max_stages)
+
+
+class FullPool(ProcessPoolExecutor):
+    """A process pool that starts all its workers with the first task and replaces each one that exits.
+
+    Python 3.11's pool starts a worker per submitted task only while none is idle, so the
+    second worker of a fleet began loading TensorFlow only once the first had work queued
+    behind it; and with ``max_tasks_per_child`` it may skip replacing a worker that exited
+    while another one is idle (python/cpython#115634). Keeping the pool full avoids both.
+    """
+
+    def _adjust_process_count(self) -> None:
+        self._idle_worker_semaphore.acquire(blocking=False)  # (the count of idle workers goes unused)
+        if self._shutdown_thread or self._broken:
+            return
+        while len(self._processes) < self._max_workers:
+            self._spawn_process()
+
+
+class WorkerPool(ProcessPoolTaskRunner):
+    """Prefect's process pool task runner on a :class:`FullPool` whose workers are replaced every N stages.
+
+    TensorFlow keeps some memory from every model a process has built (about 15 MB per tiny
+    model measured, whatever ``clear_session`` and ``gc`` do), so a worker that trained a
+    hundred models holds twice what it held after five. ``max_stages_per_worker``
+    (``run.worker_max_stages``) bounds that: the worker exits after that many stages and a
+    fresh one takes its place (a few seconds to load TensorFlow again); 0 never replaces one.
+    """
+
+    def __init__(self, max_workers: int, max_stages_per_worker: int = 0):
+        super().__init__(max_workers=max_workers)
+        self.max_stages_per_worker = max_stages_per_worker
+
+    def duplicate(self) -> WorkerPool:
+        return type(self)(max_workers=self._max_workers, max_stages_per_worker=self.max_stages_per_worker)
+
+    def __enter__(self) -> WorkerPool:
+        super().__enter__()
+        # Prefect builds a plain pool (no worker started yet); the same pool, kept full and recycling.
+        plain = self._executor
+        self._executor = FullPool(max_workers=self._max_workers, mp_context=plain._mp_context,
+                                  initializer=plain._initializer, initargs=plain._initargs,
+                                  max_tasks_per_child=self.max_stages_per_worker or None)
+        plain.shutdown(wait=False)
+        return self
+
+
+def in_flight_limit(run: RunConfig) -> int | None:
+    """How many stage tasks the flow hands the task runner at once: one per worker.
+
+    None (no limit) for an existing Dask cluster, whose size the cluster decides and whose
+    scheduler queues what it cannot start yet.
+    """
+    return None if run.engine == "dask" and run.dask_address else run.workers
+
+
+class Dispatcher:
+    """Hands the task runner a stage only once its upstream has finished, at most ``limit`` at a time.
+
+    Why not submit the whole fleet up front with ``wait_for``: Prefect's process pool resolves
+    ``wait_for`` in one thread per worker, each blocking on one upstream in submission order,
+    so a fleet submitted model by model ran one model's chain after another (2 workers were
+    1.13x faster than 1 on 8 models). Here a stage is queued when its upstream finishes and the
+    queue hands out the stage with the smallest key first (the flow uses the model furthest
+    along, then fleet order), so every worker has work and models finish early, their
+    tracking in the flow process overlapping the others' training. With more than one worker
+    the upstream future still goes to ``wait_for`` (already done, it returns at once), so
+    Prefect records the edge; with one, Prefect would warn of a deadlock that cannot happen.
+    """
+
+    def __init__(self, runner: TaskRunner, limit: int | None):
+        self.runner, self.limit = runner, limit
+        self._ready: list[tuple[Any, int, Any, dict[str, Any], Any, PrefectFuture | None]] = []
+        self._in_flight: dict[PrefectFuture, Any] = {}
+        self._seq = 0
+
+    def add(self, key: Any, task: Any, parameters: dict[str, Any], owner: Any,
+            upstream: PrefectFuture | None = None) -> None:
+        """Queue ``task(**parameters)``; ``owner`` comes back with its future from :meth:`next_done`."""
+        self._seq += 1
+        heapq.heappush(self._ready, (key, self._seq, task, parameters, owner, upstream))
+
+    def pump(self) -> None:
+        """Submit queued stages while a worker is free."""
+        while self._ready and (self.limit is None or len(self._in_flight) < self.limit):
+            _, _, task, parameters, owner, upstream = heapq.heappop(self._ready)
+            # (With one worker Prefect warns that a tagged task waiting on another may deadlock; it cannot here.)
+            wait_for = [upstream] if upstream and (self.limit or 2) > 1 else []
+            future = self.runner.submit(task, parameters, wait_for=wait_for)
+            self._in_flight[future] = owner
+
+    def busy(self) -> bool:
+        return bool(self._in_flight or self._ready)
+
+    def next_done(self) -> tuple[PrefectFuture, Any]:
+        """Block until a submitted stage finishes; its future and owner."""
+        if not self._in_flight:
+            self.pump()
+        finished = as_completed(list(self._in_flight))
+        try:
+            future = next(finished)
+        finally:
+            finished.close()
+        return future, self._in_flight.pop(future)
 
 
 def detect_trigger(explicit: str | None = None) -> str:
@@ -199,15 +306,6 @@ def _waiting(info: dict[str, Any]) -> None:
     _notice(f"waiting: {locks.describe(info)} holds this workspace; this run starts when it ends")
 
 
-def _recover(root: Path, experiment_id: str) -> None:
-    """Clean up after a run that was killed or crashed here (under the run lock: none is alive)."""
-    ws = Workspace(root)
-    for line in storage.sweep_stale([root / "data" / "prepared", root / "models", root / "metrics", ws.reports]):
-        _notice(f"recovered: {line}")
-    for run_id in tracking.close_stale_runs(experiment_id, root):
-        _notice(f"recovered: MLflow run {run_id} was left RUNNING by a run that died; marked KILLED")
-
-
 def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_cfg: RunConfig, trigger: str,
                 ws: Workspace, use_dvc: bool, opts: dict[str, Any], common: dict[str, Any],
                 force: bool) -> dict[str, Any]:
@@ -215,51 +313,69 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
     from prefect.runtime import deployment, flow_run
 
     location = remote.activate(fleet.storage)  # S3 endpoint for MLflow's artifact client; None = local storage
-    experiment_id = tracking.setup(root_p, fleet.fleet, artifact_root=location.mlflow_url if location else None)
-    _recover(root_p, experiment_id)
-    tags = {
-        "git_sha": tracking.git_sha(root_p),
-        "trigger": trigger,
-        "prefect_flow_run_id": str(flow_run.id or ""),
-        "shrinkfleet.prefect": "flow run" if flow_run.id else "none (nothing to run)",
-        "prefect_deployment_id": str(deployment.id or ""),
-        "shrinkfleet.engine": run_cfg.engine,
-        "shrinkfleet.workers": str(run_cfg.workers),
-        "shrinkfleet.dask_address": run_cfg.dask_address or "",
-        "shrinkfleet.models": ",".join(names),
-        "shrinkfleet.dvc": str(use_dvc),
-        **tracking.workspace_tags(root_p),
-    }
+    ws_dirs = [root_p / "data" / "prepared", root_p / "models", root_p / "metrics", ws.reports]
+    for line in storage.sweep_stale(ws_dirs):  # before any stage writes there
+        _notice(f"recovered: {line}")
     started = dt.datetime.now(dt.UTC)
     results: dict[str, dict[str, Any]] = {m: {"status": "running", "stages": {}, "workers": {}} for m in names}
-    with tracking.fleet_run(experiment_id, tags) as parent_run_id, task_runner(run_cfg) as runner:
+    with contextlib.ExitStack() as stack:
+        runner = stack.enter_context(task_runner(run_cfg))
         datasets = fleet.datasets_in_use(names)
         users = {ds: [m for m in names if fleet.models[m].dataset == ds] for ds in datasets}
         skip = _skippable(root_p, datasets, names, fleet) if use_dvc and not force else set()
-        owner: dict[Any, tuple[str | None, str]] = {}
-        futures: list[PrefectFuture] = []
-        prep: dict[str, PrefectFuture | None] = {}
-        for ds in datasets:
-            if f"prepare@{ds}" in skip:
-                prep[ds] = None
-                for m in users[ds]:
-                    results[m]["stages"]["prepare"] = "skipped"
-                _emit({"stage": "prepare", "target": ds, "status": "skipped", "seconds": 0.0})
-                continue
-            prep[ds] = runner.submit(prepare_task.with_options(**opts), {"dataset": ds, **common})
-            owner[prep[ds].task_run_id] = (None, ds)
-            futures.append(prep[ds])
+        order = {m: i for i, m in enumerate(names)}
+        # Each model's stages still to run, in order (only a prefix of a chain is ever skipped).
+        chains: dict[str, list[tuple[str, Any]]] = {}
         for m in names:
-            prev = prep[fleet.models[m].dataset]
+            chains[m] = []
             for stage, task in MODEL_TASKS:
                 if f"{stage}@{m}" in skip:
                     results[m]["stages"][stage] = "skipped"
                     _emit({"stage": stage, "target": m, "status": "skipped", "seconds": 0.0})
-                    continue
-                prev = runner.submit(task.with_options(**opts), {"model": m, **common},
-                                     wait_for=[prev] if prev else [])
-                owner[prev.task_run_id] = (m, stage)
-                futures.append(prev)
+                else:
+                    chains[m].append((stage, task))
+        dispatch = Dispatcher(runner, in_flight_limit(run_cfg))
+
+        def next_stage(model: str, upstream: PrefectFuture | None) -> None:
+            """Queue the model's next stage after ``upstream``, or track the model when none is left."""
+            if not chains[model]:
+                finished.append(model)
+                return
+            stage, task = chains[model].pop(0)
+            depth = 1 + len(MODEL_TASKS) - len(chains[model])
+            dispatch.add((-depth, order[model]), task.with_options(**opts), {"model": model, **common},
+                         owner=(model, stage), upstream=upstream)
+
+        finished: list[str] = []
+        for ds in datasets:
+            if f"prepare@{ds}" in skip:
+                for m in users[ds]:
+                    results[m]["stages"]["prepare"] = "skipped"
+                _emit({"stage": "prepare", "target": ds, "status": "skipped", "seconds": 0.0})
+                for m in users[ds]:
+                    next_stage(m, None)
+            else:
+                dispatch.add((-1, 0), prepare_task.with_options(**opts), {"dataset": ds, **common},
+                             owner=(None, ds))
+        # The first stages start (and the workers load TensorFlow) while MLflow is set up.
+        dispatch.pump()
+        experiment_id = tracking.setup(root_p, fleet.fleet, artifact_root=location.mlflow_url if location else None)
+        for run_id in tracking.close_stale_runs(experiment_id, root_p):
+            _notice(f"recovered: MLflow run {run_id} was left RUNNING by a run that died; marked KILLED")
+        tags = {
+            "git_sha": tracking.git_sha(root_p),
+            "trigger": trigger,
+            "prefect_flow_run_id": str(flow_run.id or ""),
+            "shrinkfleet.prefect": "flow run" if flow_run.id else "none (nothing to run)",
+            "prefect_deployment_id": str(deployment.id or ""),
+            "shrinkfleet.engine": run_cfg.engine,
+            "shrinkfleet.workers": str(run_cfg.workers),
+            "shrinkfleet.dask_address": run_cfg.dask_address or "",
+            "shrinkfleet.models": ",".join(names),
+            "shrinkfleet.dvc": str(use_dvc),
+            **tracking.workspace_tags(root_p),
+        }
+        parent_run_id = stack.enter_context(tracking.fleet_run(experiment_id, tags))
 
         def finish(model: str) -> None:
             """Track a model whose every stage is done; a tracking error fails that model only."""
@@ -272,13 +388,18 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
             except Exception as exc:  # (one model's tracking must not stop the fleet)
                 results[model].update(status="failed", failed_stage="track", error=f"{type(exc).__name__}: {exc}")
                 _emit({"stage": "track", "target": model, "status": "failed", "error": str(exc)})
+                return
+            # Its plots are drawn now, while the workers train the others; the report at the end reuses them.
+            with contextlib.suppress(Exception):  # (the report draws them again, and says why if it cannot)
+                report.model_plots(ws, model, report.load_metrics(ws, [model])[model])
 
-        for m in names:
-            if all(results[m]["stages"].get(s) == "skipped" for s in STAGE_NAMES):
-                finish(m)
-
-        for future in as_completed(futures):
-            model, stage_or_ds = owner[future.task_run_id]
+        while finished or dispatch.busy():
+            # Models with nothing left to run are tracked while the workers train the next ones.
+            while finished:
+                finish(finished.pop(0))
+            if not dispatch.busy():
+                break
+            future, (model, stage_or_ds) = dispatch.next_done()
             kind, value = _outcome(future)
             affected = users[stage_or_ds] if model is None else [model]
             stage = "prepare" if model is None else stage_or_ds
@@ -289,13 +410,13 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
                     results[m]["workers"][stage] = value.get("worker", "")
                 _emit({"stage": stage, "target": target, "status": value["status"], "seconds": value["seconds"],
                        "worker": value.get("worker", "")})
-                if stage == "evaluate":
-                    finish(model)
-            elif kind == "failed":
+                for m in affected:
+                    next_stage(m, future)
+            else:  # a model whose stage failed for good stops there; its later stages are never submitted
                 for m in affected:
                     results[m].update(status="failed", failed_stage=stage, error=value)
                 _emit({"stage": stage, "target": target, "status": "failed", "error": value})
-            # "not-run": downstream of a failure, already reported through the failed stage.
+            dispatch.pump()
 
         for r in results.values():
             if r["status"] == "running":  # cannot happen unless a future vanished; never report it as done
@@ -414,12 +535,38 @@ def run_fleet(
     tagged ``shrinkfleet.prefect=none (nothing to run)``. With ``PREFECT_API_URL`` set, every
     run is a Prefect flow run.
     """
-    from flows.server import configured_api, prefect_api
+    from flows.server import discard_early, prefect_api
 
     kwargs = {"params_file": str(params_file), "root": str(root), "models": models, "force": force,
               "use_dvc": use_dvc, "trigger": trigger, "workers": workers, "engine": engine,
               "dask_address": dask_address, "if_busy": if_busy}
-    if not configured_api() and use_dvc and not force and nothing_to_run(params_file, root, models):
+    if not needs_prefect_run(params_file, root, models, use_dvc, force):
+        discard_early()
         return fleet_flow.fn(**kwargs)
     with prefect_api():
         return fleet_flow(**kwargs)
+
+
+def needs_prefect_run(params_file: Path, root: Path, models: list[str] | None, use_dvc: bool, force: bool) -> bool:
+    """Whether :func:`run_fleet` runs a Prefect flow: a Prefect API is configured, or some stage has to run."""
+    from flows.server import configured_api
+
+    return bool(configured_api()) or not use_dvc or force or not nothing_to_run(params_file, root, models)
+
+
+def launch_server_early(params_file: Path, root: Path, models: list[str] | None, use_dvc: bool,
+                        force: bool) -> None:
+    """Start the run's temporary Prefect server in the background now if the run will need one.
+
+    ``shrinkfleet run --no-dvc`` (or ``--force``) calls this before checking its inputs, so the
+    server's start-up (about 6 s) overlaps that work. With DVC, whether anything is to run is
+    DVC's answer (kept for :func:`run_fleet`, see :func:`_skippable`). Any error here is left
+    for the checks that follow to report.
+    """
+    from flows.server import configured_api, launch_early
+
+    try:
+        if not configured_api() and needs_prefect_run(params_file, root, models, use_dvc, force):
+            launch_early()
+    except Exception:  # (a broken project is reported by preflight, with its cause)
+        pass

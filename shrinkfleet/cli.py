@@ -131,6 +131,14 @@ def run(
         names = select_models(fleet.model_names(), wanted)
     except ConfigError as exc:
         _fail(str(exc))
+    import flows.fleet as fleet_flow
+
+    if no_dvc or force:
+        # The run needs the temporary Prefect server (if no API is configured) whatever DVC says: it
+        # comes up while the inputs are checked, and a run that stops at the checks stops it unused.
+        # (With DVC, only DVC can say whether anything is to run, and asking it writes under .dvc/tmp,
+        # which a run stopped by bad input must not do: that server starts when the run does.)
+        fleet_flow.launch_server_early(params, root, names, False, force)
     problems = preflight(fleet, params, root, names)
     from shrinkfleet import versioning
 

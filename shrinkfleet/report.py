@@ -310,6 +310,20 @@ def trends_from_mlflow(experiment_id: str, models: list[str] | None = None, sinc
 # ----------------------------------------------------------------------------- writing
 
 
+def model_plots(ws: Workspace, model: str, doc: dict[str, Any]) -> tuple[Path, Path]:
+    """Draw ``reports/plots/<model>-pareto.png`` and ``-waterfall.png`` unless they show ``doc`` already.
+
+    The fleet flow calls this as each model finishes, so :func:`write_report` at the end of
+    the run finds them current and only writes the pages.
+    """
+    plot_dir = ws.reports / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    pareto_png, waterfall_png = plot_dir / f"{model}-pareto.png", plot_dir / f"{model}-waterfall.png"
+    _plot_if_changed(plot_model, doc, pareto_png)
+    _plot_if_changed(plot_waterfall, doc, waterfall_png)
+    return pareto_png, waterfall_png
+
+
 def write_report(ws: Workspace, docs: dict[str, dict[str, Any]], failures: dict[str, str],
                  header: dict[str, str], outcomes: dict[str, dict[str, Any]] | None = None,
                  trends: pd.DataFrame | None = None) -> Path:
@@ -332,11 +346,8 @@ def write_report(ws: Workspace, docs: dict[str, dict[str, Any]], failures: dict[
         if not any(stale.name.startswith(f"{m}-") for m in docs):
             stale.unlink()
     for model, doc in docs.items():
-        pareto_png = plot_dir / f"{model}-pareto.png"
-        _plot_if_changed(plot_model, doc, pareto_png)
+        pareto_png, waterfall_png = model_plots(ws, model, doc)
         plots.append((model, "accuracy vs coded bytes", pareto_png))
-        waterfall_png = plot_dir / f"{model}-waterfall.png"
-        _plot_if_changed(plot_waterfall, doc, waterfall_png)
         plots.append((model, "bytes from teacher to coded variant", waterfall_png))
         if trends is not None and (trends["model"] == model).sum() >= 2:
             trend_png = plot_dir / f"{model}-trend.png"

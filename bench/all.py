@@ -1,0 +1,58 @@
+"""`make bench`: every benchmark one after another, each timed, then the README table.
+
+    python bench/all.py              # every script, about 30 minutes on 2 cores
+    python bench/all.py --quick      # every script in its --quick mode (a smoke run)
+
+Writes bench/results/all.json: the wall time of each script and of the whole run, with the
+machine, so the README can say how long `make bench` took from a measurement. A script that
+fails stops the run with its exit code (its own JSON is then not rewritten).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_results
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ("inference", "orchestration", "noop", "fanout", "scale", "compression")
+GOAL_MINUTES = 30
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="every script's --quick mode")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/all.json)")
+    args = ap.parse_args(argv)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    for name in SCRIPTS:
+        print(f"\n=== bench/{name}.py", flush=True)
+        t = time.perf_counter()
+        extra = ["--quick", "--out", str(Path("/tmp") / f"bench-quick-{name}.json")] if args.quick else []
+        code = subprocess.call([sys.executable, str(HERE / f"{name}.py"), *extra])
+        seconds[name] = time.perf_counter() - t
+        if code != 0:
+            print(f"bench/{name}.py failed with exit code {code}", file=sys.stderr)
+            return code
+    total = time.perf_counter() - start
+    print_table([*({"script": f"bench/{k}.py", "minutes": f"{v / 60:.1f}"} for k, v in seconds.items()),
+                 {"script": "all", "minutes": f"{total / 60:.1f}"}], "make bench: wall time per script")
+    ok = total <= GOAL_MINUTES * 60
+    print(f"\nmake bench: {total / 60:.1f} min (goal < {GOAL_MINUTES} min on 2 cores: "
+          f"{'meets the goal' if ok else 'MISSES the goal'})")
+    path = write_results("all", {"quick": args.quick, "seconds": seconds, "total_seconds": total,
+                                 "goal_minutes": GOAL_MINUTES, "meets_goal": ok}, args.out)
+    print(f"wrote {path}")
+    if not args.quick:
+        subprocess.call([sys.executable, str(HERE / "table.py")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""How the flow hands stages to its workers: the dispatch queue, the worker pool, the temporary API."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import threading
+import time
+import uuid
+
+from prefect.futures import PrefectConcurrentFuture
+
+from flows.fleet import Dispatcher, FullPool, in_flight_limit
+from shrinkfleet.config import RunConfig
+
+
+class FakeRunner:
+    """Records what is submitted; the test finishes the futures by hand."""
+
+    def __init__(self):
+        self.submitted: list[tuple[str, list]] = []
+        self.futures: dict[str, cf.Future] = {}
+
+    def submit(self, task, parameters, wait_for=None):
+        inner = cf.Future()
+        self.submitted.append((parameters["name"], list(wait_for or [])))
+        self.futures[parameters["name"]] = inner
+        return PrefectConcurrentFuture(task_run_id=uuid.uuid4(), wrapped_future=inner)
+
+
+def test_dispatch_keeps_at_most_one_stage_per_worker_and_the_furthest_model_first():
+    runner = FakeRunner()
+    d = Dispatcher(runner, limit=2)
+    for key, name in [((-2, 0), "teacher-a"), ((-2, 1), "teacher-b"), ((-3, 1), "distill-b"), ((-1, 0), "prep")]:
+        d.add(key, task=None, parameters={"name": name}, owner=name)
+    d.pump()
+    assert [n for n, _ in runner.submitted] == ["distill-b", "teacher-a"]  # smallest keys, no more than 2
+
+    runner.futures["teacher-a"].set_result({"status": "ran"})
+    future, owner = d.next_done()
+    assert owner == "teacher-a"
+    d.add((-3, 0), task=None, parameters={"name": "distill-a"}, owner="distill-a", upstream=future)
+    d.pump()
+    assert [n for n, _ in runner.submitted][2:] == ["distill-a"]  # deeper than teacher-b: goes first
+    assert runner.submitted[2][1] == [future]  # the finished upstream is still its wait_for
+    assert d.busy()
+
+
+def test_one_worker_gets_no_wait_for_and_an_existing_dask_cluster_no_limit():
+    runner = FakeRunner()
+    d = Dispatcher(runner, limit=1)
+    d.add((0,), task=None, parameters={"name": "a"}, owner="a")
+    d.pump()
+    runner.futures["a"].set_result({})
+    up, _ = d.next_done()
+    d.add((0,), task=None, parameters={"name": "b"}, owner="b", upstream=up)
+    d.pump()
+    assert runner.submitted[-1] == ("b", [])
+    assert in_flight_limit(RunConfig(workers=3)) == 3
+    assert in_flight_limit(RunConfig(engine="dask", dask_address="tcp://10.0.0.5:8786")) is None
+
+
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_worker_pool_starts_full_and_replaces_workers_after_their_quota():
+    with FullPool(max_workers=2, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=2) as pool:
+        first = pool.submit(_pid_after, 0.0)
+        first.result(timeout=120)
+        assert len(pool._processes) == 2  # both workers started with the first task
+        pids = [f.result(timeout=120) for f in [pool.submit(_pid_after, 0.02) for _ in range(9)]]
+    # 10 tasks, 2 per worker: at least 5 different processes, and every task finished.
+    assert len(pids) == 9 and len(set(pids) | {first.result()}) >= 5
+
+
+def test_the_temporary_api_is_visible_to_threads(tmp_path, monkeypatch):
+    """Prefect's own threads (the process pool's message forwarder) must not start a server of their own."""
+    import prefect.context
+    from prefect.settings import get_current_settings
+
+    from flows.server import prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    seen: list[str | None] = []
+    before = prefect.context.GLOBAL_SETTINGS_CONTEXT
+    with prefect_api() as url:
+        t = threading.Thread(target=lambda: seen.append(get_current_settings().api.url))
+        t.start()
+        t.join()
+    assert seen == [url]
+    # Afterwards the process is as it was: later runs (and tests) must not see a stopped server.
+    assert "PREFECT_API_URL" not in os.environ and prefect.context.GLOBAL_SETTINGS_CONTEXT is before
