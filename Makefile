@@ -31,14 +31,8 @@ TEST_WORKERS ?= 2
 test: venv  ## run the whole test suite (slow end-to-end tests included)
 	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadfile
 
-bench: venv  ## every benchmark in bench/ (tables on screen, JSON in bench/results/; about 25 minutes on 2 cores)
-	$(BIN)/python bench/inference.py
-	$(BIN)/python bench/orchestration.py
-	$(BIN)/python bench/noop.py
-	$(BIN)/python bench/fanout.py
-	$(BIN)/python bench/scale.py
-	$(BIN)/python bench/compression.py
-	$(BIN)/python bench/table.py
+bench: venv  ## every benchmark in bench/, each timed (tables on screen, JSON in bench/results/; see README)
+	$(BIN)/python bench/all.py
 
 lint: venv  ## ruff: style and import order
 	$(BIN)/ruff check .

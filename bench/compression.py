@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{p['error_after'] - p['error_before']:>8.2f}")
     doc = {
         "benchmark": "compression",
+        "measured": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "quick": args.quick,
         "data": {"source": str(args.mnist), "train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},

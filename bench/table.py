@@ -23,37 +23,39 @@ def _load(name: str) -> dict | None:
     return None if doc.get("quick") else doc
 
 
-def rows() -> list[tuple[str, str, str, str]]:
-    out = []
+def rows() -> list[tuple[str, ...]]:
+    """One row per figure; the last column is when its benchmark ran (they may come from different runs)."""
+    out: list[tuple[str, ...]] = []
     if doc := _load("orchestration"):
         m = doc["median_seconds"]
         out.append((f"Orchestration overhead ({doc['fleet']}, 1 worker)",
                     f"flow {m['flow']:.1f} s / direct {m['direct']:.1f} s = **{doc['ratio']:.2f}**",
-                    f"<= {doc['goal']:.2f}", _ok(doc)))
+                    f"<= {doc['goal']:.2f}", _ok(doc), _when(doc)))
     if doc := _load("noop"):
         out.append((f"No-op rerun ({doc['fleet']})",
                     f"{doc['median_rerun_seconds']:.1f} s vs first {doc['first_seconds']:.1f} s = "
                     f"**{doc['share_of_first']:.0%}**, {len(doc['artifacts_rewritten'])} artifacts rewritten",
-                    f"no training, <= {doc['goal_share']:.0%}", _ok(doc)))
+                    f"no training, <= {doc['goal_share']:.0%}", _ok(doc), _when(doc)))
     if doc := _load("fanout"):
         m = doc["median_seconds"]
         out.append((f"Fan-out ({doc['models']} small models)",
                     f"1 worker {m['1']:.1f} s / 2 workers {m['2']:.1f} s = **{doc['speedup']:.2f}x**",
-                    f">= {doc['goal']}x", _ok(doc)))
+                    f">= {doc['goal']}x", _ok(doc), _when(doc)))
     if doc := _load("inference"):
         f, i = doc["results"].values()
         out.append((f"Inference ({doc['model']}, CPU)",
                     f"batch 1: {f['batch1_ms']:.3f} ms float vs {i['batch1_ms']:.3f} ms int8 = "
                     f"**{doc['speedup_batch1']:.1f}x**; batch 32: {doc['speedup_batch32']:.1f}x; accuracy "
                     f"{f['accuracy'] * 100:.2f}% vs {i['accuracy'] * 100:.2f}%",
-                    f">= {doc['goal_batch1']}x at batch 1", _ok(doc)))
+                    f">= {doc['goal_batch1']}x at batch 1", _ok(doc), _when(doc)))
     if doc := _load("scale"):
         parts = [f"{r['models']}: {r['seconds']:.0f} s ({r['seconds_per_model']:.1f} s/model, "
                  f"largest process {r['peak_process_rss_mb']:.0f} MB, all {r['peak_rss_mb']:.0f} MB)"
                  for r in doc["results"]]
         out.append(("Scale (small models, 2 workers)", "; ".join(parts) +
                     f"; s/model ratio **{doc['seconds_per_model_ratio']:.2f}**, memory ratio "
-                    f"**{doc['peak_process_rss_ratio']:.2f}**", "linear time, flat memory (<= 1.25)", _ok(doc)))
+                    f"**{doc['peak_process_rss_ratio']:.2f}**", "linear time, flat memory (<= 1.25)", _ok(doc),
+                    _when(doc)))
     if doc := _load("compression"):
         for r in doc.get("results", []):
             best = r.get("best")
@@ -63,8 +65,12 @@ def rows() -> list[tuple[str, str, str, str]]:
             out.append((f"Compression ({r['model']}, MNIST)",
                         f"{r['float32_bytes']:,} -> {best['coded_bytes']:,} B = **{best['ratio']:.1f}x**, "
                         f"test accuracy drop {best['test_drop_pts']:+.2f} pts",
-                        ">= 50x at <= 0.5 pts", "yes" if ok else "**no**"))
+                        ">= 50x at <= 0.5 pts", "yes" if ok else "**no**", _when(doc)))
     return out
+
+
+def _when(doc: dict) -> str:
+    return str(doc.get("measured", "not recorded"))[:16]
 
 
 def _ok(doc: dict) -> str:
@@ -80,8 +86,8 @@ def main() -> int:
                     if (d := _load(n))), {})
     print(f"Measured on {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
           f"{machine.get('memory_gb', '?')} GB, Python {machine.get('python', '?')}, no GPU.\n")
-    print("| benchmark | measured (medians) | goal | met |")
-    print("|---|---|---|---|")
+    print("| benchmark | measured (medians) | goal | met | run (UTC) |")
+    print("|---|---|---|---|---|")
     for row in table:
         print("| " + " | ".join(row) + " |")
     return 0

@@ -63,3 +63,14 @@ def test_scale_quick(tmp_path):
     for r in doc["results"]:
         assert r["seconds"] > 0 and r["peak_process_rss_mb"] > 100  # a TensorFlow process, measured
         assert r["peak_rss_mb"] >= r["peak_process_rss_mb"]
+
+
+def test_all_times_each_script_it_runs(tmp_path):
+    out = tmp_path / "all.json"
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "all.py"), "--quick", "--only", "inference",
+                          "--out", str(out)], capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "all" and doc["scripts"] == ["inference"] and doc["quick"] is True
+    assert 0 < doc["seconds"]["inference"] <= doc["total_seconds"]
+    assert json.loads((tmp_path / "quick-inference.json").read_text())["benchmark"] == "inference"
