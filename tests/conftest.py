@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,16 +64,28 @@ TINY_PARAMS: dict = {
 }
 
 
+@contextlib.contextmanager
+def mlflow_env_restored() -> Iterator[None]:
+    """Undo what in-process MLflow calls put in os.environ (``set_tracking_uri`` and ``set_experiment``
+    export MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID), so no later test's subprocess inherits them.
+
+    Module-scoped fixtures that call MLflow need it too: they are set up before the per-test
+    guard saves the environment, so that guard alone would keep their values for good.
+    """
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+            if key not in saved:
+                del os.environ[key]
+        os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_mlflow_env():
-    """Undo what in-process MLflow calls put in os.environ (``set_tracking_uri`` and ``set_experiment``
-    export MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID), so no later test's subprocess inherits them."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
-    yield
-    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
-        if key not in saved:
-            del os.environ[key]
-    os.environ.update(saved)
+    with mlflow_env_restored():
+        yield
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import make_project, shrinkfleet_cmd
+from tests.conftest import make_project, mlflow_env_restored, shrinkfleet_cmd
 
 pytestmark = pytest.mark.slow
 MODEL = "digits-mlp"
@@ -35,7 +35,7 @@ def nightly(tmp_path_factory):
     del params["models"]["cancer-mlp"]
     params["gate"] = {"max_accuracy_drop": 1.0}  # tiny models: accept any drop, test the mechanics
     project = make_project(tmp_path_factory.mktemp("nightly") / "p", params)
-    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    uri = f"sqlite:///{project}/mlflow.db"
 
     class Night:
         root = project
@@ -56,7 +56,12 @@ def nightly(tmp_path_factory):
         def production(self) -> str:
             return str(MlflowClient().get_model_version_by_alias(MODEL, "production").version)
 
-    return Night()
+    # set_tracking_uri exports MLFLOW_TRACKING_URI: a worker started by a later test would inherit it.
+    with mlflow_env_restored():
+        mlflow.set_tracking_uri(uri)
+        yield Night()
+        mlflow.set_tracking_uri("")
+        mlflow.set_tracking_uri("")
 
 
 def test_01_first_night_registers_and_promotes(nightly):

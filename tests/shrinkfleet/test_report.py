@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from shrinkfleet import report
 from shrinkfleet.metrics import METRICS
 from shrinkfleet.workspace import Workspace
+from tests.conftest import mlflow_env_restored
 
 REPO = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -47,25 +48,26 @@ NIGHTS = {
 def store(tmp_path_factory):
     """An MLflow store holding two fleet runs of ``digits-mlp`` laid out as shrinkfleet logs them (read-only)."""
     tmp_path = tmp_path_factory.mktemp("mlflow")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = MlflowClient().create_experiment("shrinkfleet/fixture", artifact_location=(tmp_path / "art").as_uri())
-    mlflow.set_experiment(experiment_id=exp)
-    for night, variants in NIGHTS.items():
-        model_tags = {"shrinkfleet.kind": "model", "shrinkfleet.model": "digits-mlp",
-                      "shrinkfleet.production_version": str(night)}
-        with (mlflow.start_run(run_name=f"fleet-{night}", tags={"shrinkfleet.kind": "fleet"}),
-              mlflow.start_run(run_name="digits-mlp", nested=True, tags=model_tags)):
-            best = variants["pruned-clustered"]["metrics"]
-            mlflow.log_metrics({"production_accuracy": best["accuracy"],
-                                "production_coded_bytes": best["coded_bytes"]})
-            for name, v in variants.items():
-                with mlflow.start_run(run_name=f"digits-mlp/{name}", nested=True, tags={
-                    "shrinkfleet.kind": "variant", "shrinkfleet.variant": name, "shrinkfleet.format": v["format"],
-                    "shrinkfleet.recipe": name, "shrinkfleet.parent_variant": v["parent"] or "",
-                }):
-                    mlflow.log_metrics(v["metrics"])
-    yield exp
-    mlflow.set_tracking_uri("")
+    with mlflow_env_restored():  # set_tracking_uri / set_experiment export MLFLOW_* variables
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        exp = MlflowClient().create_experiment("shrinkfleet/fixture", artifact_location=(tmp_path / "art").as_uri())
+        mlflow.set_experiment(experiment_id=exp)
+        for night, variants in NIGHTS.items():
+            model_tags = {"shrinkfleet.kind": "model", "shrinkfleet.model": "digits-mlp",
+                          "shrinkfleet.production_version": str(night)}
+            with (mlflow.start_run(run_name=f"fleet-{night}", tags={"shrinkfleet.kind": "fleet"}),
+                  mlflow.start_run(run_name="digits-mlp", nested=True, tags=model_tags)):
+                best = variants["pruned-clustered"]["metrics"]
+                mlflow.log_metrics({"production_accuracy": best["accuracy"],
+                                    "production_coded_bytes": best["coded_bytes"]})
+                for name, v in variants.items():
+                    with mlflow.start_run(run_name=f"digits-mlp/{name}", nested=True, tags={
+                        "shrinkfleet.kind": "variant", "shrinkfleet.variant": name, "shrinkfleet.format": v["format"],
+                        "shrinkfleet.recipe": name, "shrinkfleet.parent_variant": v["parent"] or "",
+                    }):
+                        mlflow.log_metrics(v["metrics"])
+        yield exp
+        mlflow.set_tracking_uri("")
 
 
 def test_docs_come_from_each_models_latest_run(store):

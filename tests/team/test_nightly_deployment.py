@@ -157,7 +157,7 @@ def test_nightly_deployment_is_scheduled_run_by_a_worker_and_tagged_schedule(tmp
             worker_log = tmp_path / "prefect-worker.log"
             with serve([PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1"],
                        worker_log, lambda: bool(client.read_workers_for_work_pool(POOL)), "prefect worker",
-                       env=env, timeout=90):
+                       env=env, timeout=90, unset=("MLFLOW_TRACKING_URI",)):
                 try:
                     wait_until(lambda: client.read_flow_run(due.id).state.is_final(), 300, "the scheduled fleet run")
                 finally:
