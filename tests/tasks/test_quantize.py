@@ -83,3 +83,39 @@ def test_xnnpack_refusal_falls_back_to_builtin_kernels(wide, digits, monkeypatch
     reference = ev.TFLiteModel(content)
     assert reference.runtime == "xnnpack"
     assert (model.predict(digits.test.x).argmax(1) == reference.predict(digits.test.x).argmax(1)).mean() > 0.99
+
+
+def test_direct_conversion_matches_the_savedmodel_route_and_keeps_a_signature(wide, digits):
+    """to_tflite freezes the model's inference function instead of writing a SavedModel first: the
+    flatbuffer must compute what from_keras_model's does and still carry a serving_default signature."""
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    from shrinkfleet.tfenv import tf
+
+    rep = digits.train.x[:50]
+    for mode in ("float32", "int8"):
+        fast = ev.to_tflite(wide, mode, rep)
+        converter = tf.lite.TFLiteConverter.from_keras_model(wide)
+        ev._configure(converter, mode, rep)
+        slow = converter.convert()
+        np.testing.assert_array_equal(ev.TFLiteModel(fast).predict(digits.test.x),
+                                      ev.TFLiteModel(slow).predict(digits.test.x), err_msg=mode)
+        it = Interpreter(model_content=fast)
+        assert it.get_signature_list() == {
+            "serving_default": {"inputs": list(wide.input_names), "outputs": list(wide.output_names)}}, mode
+        runner = it.get_signature_runner()
+        x = digits.test.x[:1].astype(np.float32)
+        if mode == "int8":
+            scale, zero = it.get_input_details()[0]["quantization"]
+            x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
+        (out,) = runner(**{wide.input_names[0]: x}).values()
+        assert out.shape == (1, 10), mode
+
+
+def test_keras_caller_in_slices_predicts_as_keras_does(wide, digits):
+    import numpy as np
+
+    call = ev.keras_caller(wide, batch_size=100)  # the test split is several slices of 100
+    assert len(digits.test.x) > 200
+    np.testing.assert_allclose(call(digits.test.x), wide.predict(digits.test.x, verbose=0), rtol=1e-5, atol=1e-6)
