@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from shrinkfleet.tfenv import keras
+
+log = logging.getLogger(__name__)
 
 
 def fit(
@@ -34,6 +37,7 @@ def fit(
     cbs = list(callbacks or [])
     if patience:
         cbs.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True))
+    prime(model, x, y)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))  # one seeded shuffle; fit reshuffles every epoch
     history = model.fit(
@@ -41,6 +45,30 @@ def fit(
         callbacks=cbs, verbose=0, shuffle=True,
     )
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+def prime(model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
+    """Create a compiled model's optimizer, loss and metric variables before ``fit``.
+
+    A ``tf.function`` that creates variables on its first call is traced twice, so Keras'
+    train step is traced twice per ``fit`` when these variables do not exist yet (measured:
+    about 0.3 s of a 1 s fit of a small MLP). Creating them eagerly on two samples keeps it
+    to one trace; the weights, the optimizer's state and the metrics are exactly as they
+    were (metric states are reset). A model that cannot be primed this way is left as is.
+    """
+    from shrinkfleet.tfenv import tf
+
+    try:
+        model.optimizer.build(model.trainable_variables)
+        xt, yt = tf.constant(x[:2]), tf.constant(y[:2])
+        pred = model(xt, training=False)
+        model.compiled_loss(yt, pred, regularization_losses=model.losses)
+        model.compiled_metrics.update_state(yt, pred)
+    except Exception as exc:  # noqa: BLE001 (an optimisation only: fit creates them itself)
+        log.debug("not primed (%s: %s); fit traces its step twice", type(exc).__name__, exc)
+    finally:
+        for metric in model.metrics:
+            metric.reset_state()
 
 
 def logits(model: keras.Model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
