@@ -293,10 +293,12 @@ def keras_caller(model: keras.Model, traced: Callable | None = None,
     """
     fn = traced or inference_function(model) or tf.function(lambda x: model(x, training=False),
                                                             reduce_retracing=True)
+    dtype = model.inputs[0].dtype  # a traced function takes exactly its input's dtype
 
     def call(x: np.ndarray) -> np.ndarray:
         if len(x) <= batch_size:
-            return fn(tf.constant(x)).numpy()
-        return np.concatenate([fn(tf.constant(x[i: i + batch_size])).numpy() for i in range(0, len(x), batch_size)])
+            return fn(tf.constant(x, dtype=dtype)).numpy()
+        return np.concatenate([fn(tf.constant(x[i: i + batch_size], dtype=dtype)).numpy()
+                               for i in range(0, len(x), batch_size)])
 
     return call
