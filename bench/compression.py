@@ -1,6 +1,6 @@
 """Deep-Compression benchmark: LeNet-300-100 and LeNet-5 on real MNIST, next to the paper's rows.
 
-    python bench/compression.py            # the full run (about 5 minutes on 2 CPU cores)
+    python bench/compression.py            # the full run (about 2 minutes on 2 CPU cores)
     python bench/compression.py --quick    # a smoke run on 1,500 images (about 2 minutes)
 
 Data: the 10,000-image MNIST test set in ../shared/datasets/mnist-t10k (the only MNIST

@@ -78,7 +78,7 @@ def to_tflite(model: keras.Model, mode: str = "float32", representative: np.ndar
             with quiet_native_stderr():
                 content = converter.convert()
             return _add_signature(content, model.input_names, model.output_names)
-        except Exception as exc:  # noqa: BLE001 (any failure of the direct route: the general one decides)
+        except Exception as exc:  # (any failure of the direct route: the general one decides)
             log.debug("direct TFLite conversion failed (%s: %s); converting through a SavedModel",
                       type(exc).__name__, exc)
     converter = tf.lite.TFLiteConverter.from_keras_model(model)

@@ -201,10 +201,21 @@ PLOT_KEY = "shrinkfleet-plot-key"
 
 def _plot_key(fn: Any, doc: dict[str, Any]) -> str:
     """What a plot depends on: the plotting function's code and the model's metrics document."""
-    code = fn.__code__
-    h = hashlib.sha256(code.co_code + repr(code.co_consts).encode())
+    h = hashlib.sha256(_code_digest(fn.__code__))
     h.update(json.dumps(doc, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def _code_digest(code: Any) -> bytes:
+    """A digest of a function's code that is the same in every process.
+
+    Nested functions and comprehensions are code objects among the constants, and their
+    ``repr`` holds a memory address, so they are digested the same way instead.
+    """
+    h = hashlib.sha256(code.co_code)
+    for const in code.co_consts:
+        h.update(_code_digest(const) if hasattr(const, "co_code") else repr(const).encode())
+    return h.digest()
 
 
 def _plot_if_changed(fn: Any, doc: dict[str, Any], path: Path) -> None:

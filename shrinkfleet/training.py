@@ -64,7 +64,7 @@ def prime(model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
         pred = model(xt, training=False)
         model.compiled_loss(yt, pred, regularization_losses=model.losses)
         model.compiled_metrics.update_state(yt, pred)
-    except Exception as exc:  # noqa: BLE001 (an optimisation only: fit creates them itself)
+    except Exception as exc:  # (an optimisation only: fit creates them itself)
         log.debug("not primed (%s: %s); fit traces its step twice", type(exc).__name__, exc)
     finally:
         for metric in model.metrics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import subprocess
 import sys
@@ -150,6 +151,18 @@ def test_plots_of_unchanged_metrics_are_not_redrawn(store, tmp_path):
     pareto.write_bytes(b"not a png")  # so is a damaged file
     report.write_report(ws, docs, {}, {"fleet": "fixture"})
     assert pareto.read_bytes()[:8] == PNG
+
+
+def test_a_plot_key_is_the_same_in_another_process():
+    """A no-op night runs in a new process: the key of an unchanged plot must not depend on it
+    (nested functions and comprehensions are code objects whose repr holds an address)."""
+    doc = {"model": "m", "variants": {}}
+    script = ("import json, sys; from shrinkfleet import report; "
+              "print(json.dumps([report._plot_key(f, json.loads(sys.argv[1])) "
+              "for f in (report.plot_model, report.plot_waterfall)]))")
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(doc)], capture_output=True, text=True,
+                         check=True, cwd=Path(report.__file__).parents[1])
+    assert json.loads(out.stdout) == [report._plot_key(f, doc) for f in (report.plot_model, report.plot_waterfall)]
 
 
 def test_dvc_plots_show_renders_the_report(store, tmp_path, tiny_params):
