@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from shrinkfleet.tfenv import keras
+from shrinkfleet.tfenv import keras, tf
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,6 @@ def prime(model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
     to one trace; the weights, the optimizer's state and the metrics are exactly as they
     were (metric states are reset). A model that cannot be primed this way is left as is.
     """
-    from shrinkfleet.tfenv import tf
-
     try:
         model.optimizer.build(model.trainable_variables)
         xt, yt = tf.constant(x[:2]), tf.constant(y[:2])

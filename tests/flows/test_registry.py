@@ -61,7 +61,6 @@ def nightly(tmp_path_factory):
         mlflow.set_tracking_uri(uri)
         yield Night()
         mlflow.set_tracking_uri("")
-        mlflow.set_tracking_uri("")
 
 
 def test_01_first_night_registers_and_promotes(nightly):
