@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import heapq
+import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,15 @@ from shrinkfleet.config import ConfigError, RunConfig, load_params, select_model
 from shrinkfleet.workspace import Workspace
 from tasks import register
 from tasks.common import is_transient
-from tasks.stages import compress_task, distill_task, evaluate_task, prepare_task, prune_task, teacher_task
+from tasks.stages import (
+    compress_task,
+    distill_task,
+    evaluate_task,
+    preload,
+    prepare_task,
+    prune_task,
+    teacher_task,
+)
 
 MODEL_TASKS = (
     ("teacher", teacher_task),
@@ -105,6 +114,12 @@ class FullPool(ProcessPoolExecutor):
         while len(self._processes) < self._max_workers:
             self._spawn_process()
 
+    def terminate(self) -> None:
+        """Stop every worker now, whatever it is doing (a pool nobody will use: no wait for their imports)."""
+        for process in list(self._processes.values()):
+            process.terminate()
+        self.shutdown(wait=True, cancel_futures=True)
+
 
 class WorkerPool(ProcessPoolTaskRunner):
     """Prefect's process pool task runner on a :class:`FullPool` whose workers are replaced every N stages.
@@ -114,10 +129,11 @@ class WorkerPool(ProcessPoolTaskRunner):
     hundred models holds twice what it held after five. ``max_stages_per_worker``
     (``run.worker_max_stages``) bounds that: the worker exits after that many stages and a
     fresh one takes its place (a few seconds to load TensorFlow again); 0 never replaces one.
+    Every worker loads TensorFlow and the stage modules as it starts (:func:`tasks.stages.preload`).
     """
 
     def __init__(self, max_workers: int, max_stages_per_worker: int = 0):
-        super().__init__(max_workers=max_workers)
+        super().__init__(max_workers=max_workers, initializer=preload)
         self.max_stages_per_worker = max_stages_per_worker
 
     def duplicate(self) -> WorkerPool:
@@ -131,16 +147,72 @@ class WorkerPool(ProcessPoolTaskRunner):
                                   initializer=plain._initializer, initargs=plain._initargs,
                                   max_tasks_per_child=self.max_stages_per_worker or None)
         plain.shutdown(wait=False)
+        # Every worker starts (and loads TensorFlow) now, not at its first stage. (This call counts
+        # as one of the first worker's ``max_stages_per_worker``.)
+        self._executor.submit(os.getpid)
         return self
+
+    def discard(self) -> None:
+        """Stop a pool no flow will use, without waiting for its workers to finish loading TensorFlow."""
+        if isinstance(self._executor, FullPool):
+            self._executor.terminate()
+        self.__exit__(None, None, None)
+
+
+# A worker pool started ahead of the flow (see :func:`start_workers_early`), with the run it was made for.
+_early_pool: tuple[tuple[int, int], WorkerPool] | None = None
+
+
+def start_workers_early(run: RunConfig) -> None:
+    """Start the process pool ``run`` asks for now; the next flow run with the same ``run:`` takes it.
+
+    :func:`run_fleet` calls this before it waits for the temporary Prefect server, so the
+    workers start and load TensorFlow (about 6 s each on 2 cores) while the server comes up
+    and the flow sets MLflow up, instead of after. Only for ``engine: process``.
+    """
+    global _early_pool
+    if run.engine != "process" or _early_pool is not None:
+        return
+    pool = WorkerPool(max_workers=run.workers, max_stages_per_worker=run.worker_max_stages)
+    pool.__enter__()
+    _early_pool = ((run.workers, run.worker_max_stages), pool)
+
+
+def discard_early_workers() -> None:
+    """Stop a pool :func:`start_workers_early` started that no flow took."""
+    global _early_pool
+    if _early_pool is not None:
+        _early_pool[1].discard()
+        _early_pool = None
+
+
+@contextlib.contextmanager
+def _stage_runner(run: RunConfig) -> Iterator[TaskRunner]:
+    """The started task runner the stages go to: the pool started early for this ``run:``, or a new one."""
+    global _early_pool
+    early, _early_pool = _early_pool, None
+    if early is not None and run.engine == "process" and early[0] == (run.workers, run.worker_max_stages):
+        try:  # (already started)
+            yield early[1]
+        finally:
+            early[1].__exit__(None, None, None)
+        return
+    if early is not None:
+        early[1].discard()
+    with task_runner(run) as runner:
+        yield runner
 
 
 def in_flight_limit(run: RunConfig) -> int | None:
-    """How many stage tasks the flow hands the task runner at once: one per worker.
+    """How many stage tasks the flow hands the task runner at once: one per worker, plus one queued.
 
-    None (no limit) for an existing Dask cluster, whose size the cluster decides and whose
-    scheduler queues what it cannot start yet.
+    The queued one is what a worker takes the moment its stage ends, instead of idling while
+    the flow hears of the end and submits the next stage: a round trip of about 0.1 s, and as
+    long as tracking a model takes when one has just finished (the loop tracks between two
+    stages). None (no limit) for an existing Dask cluster, whose size the cluster decides and
+    whose scheduler queues what it cannot start yet.
     """
-    return None if run.engine == "dask" and run.dask_address else run.workers
+    return None if run.engine == "dask" and run.dask_address else run.workers + 1
 
 
 class Dispatcher:
@@ -155,10 +227,11 @@ class Dispatcher:
     tracking in the flow process overlapping the others' training. With more than one worker
     the upstream future still goes to ``wait_for`` (already done, it returns at once), so
     Prefect records the edge; with one, Prefect would warn of a deadlock that cannot happen.
+    ``workers`` is how many run at once (None: unknown, an existing Dask cluster).
     """
 
-    def __init__(self, runner: TaskRunner, limit: int | None):
-        self.runner, self.limit = runner, limit
+    def __init__(self, runner: TaskRunner, limit: int | None, workers: int | None = None):
+        self.runner, self.limit, self.workers = runner, limit, workers
         self._ready: list[tuple[Any, int, Any, dict[str, Any], Any, PrefectFuture | None]] = []
         self._in_flight: dict[PrefectFuture, Any] = {}
         self._seq = 0
@@ -174,7 +247,7 @@ class Dispatcher:
         while self._ready and (self.limit is None or len(self._in_flight) < self.limit):
             _, _, task, parameters, owner, upstream = heapq.heappop(self._ready)
             # (With one worker Prefect warns that a tagged task waiting on another may deadlock; it cannot here.)
-            wait_for = [upstream] if upstream and (self.limit or 2) > 1 else []
+            wait_for = [upstream] if upstream and (self.workers or 2) > 1 else []
             future = self.runner.submit(task, parameters, wait_for=wait_for)
             self._in_flight[future] = owner
 
@@ -319,7 +392,7 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
     started = dt.datetime.now(dt.UTC)
     results: dict[str, dict[str, Any]] = {m: {"status": "running", "stages": {}, "workers": {}} for m in names}
     with contextlib.ExitStack() as stack:
-        runner = stack.enter_context(task_runner(run_cfg))
+        runner = stack.enter_context(_stage_runner(run_cfg))
         datasets = fleet.datasets_in_use(names)
         users = {ds: [m for m in names if fleet.models[m].dataset == ds] for ds in datasets}
         skip = _skippable(root_p, datasets, names, fleet) if use_dvc and not force else set()
@@ -334,7 +407,8 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
                     _emit({"stage": stage, "target": m, "status": "skipped", "seconds": 0.0})
                 else:
                     chains[m].append((stage, task))
-        dispatch = Dispatcher(runner, in_flight_limit(run_cfg))
+        dispatch = Dispatcher(runner, in_flight_limit(run_cfg),
+                              None if run_cfg.engine == "dask" and run_cfg.dask_address else run_cfg.workers)
 
         def next_stage(model: str, upstream: PrefectFuture | None) -> None:
             """Queue the model's next stage after ``upstream``, or track the model when none is left."""
@@ -376,6 +450,9 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
             **tracking.workspace_tags(root_p),
         }
         parent_run_id = stack.enter_context(tracking.fleet_run(experiment_id, tags))
+        # A thread of its own draws each finished model's plots (about 0.7 s for two), so this loop
+        # goes on handing out stages meanwhile instead of leaving a worker without one.
+        plotter = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="shrinkfleet-plots"))
 
         def finish(model: str) -> None:
             """Track a model whose every stage is done; a tracking error fails that model only."""
@@ -390,8 +467,7 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
                 _emit({"stage": "track", "target": model, "status": "failed", "error": str(exc)})
                 return
             # Its plots are drawn now, while the workers train the others; the report at the end reuses them.
-            with contextlib.suppress(Exception):  # (the report draws them again, and says why if it cannot)
-                report.model_plots(ws, model, report.load_metrics(ws, [model])[model])
+            plotter.submit(_draw_model_plots, ws, model)
 
         while finished or dispatch.busy():
             # Models with nothing left to run are tracked while the workers train the next ones.
@@ -425,6 +501,7 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
                     if r["status"] == "failed"}
         for m in failures:
             tracking.log_failed_model(m, results[m]["failed_stage"], results[m]["error"])
+        plotter.shutdown(wait=True)  # (pyplot is not for two threads at once)
         docs = report.load_metrics(ws, [m for m in names if results[m]["status"] == "ok"])
         path = report.write_report(ws, docs, failures, {
             "fleet": fleet.fleet,
@@ -442,6 +519,12 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
             mlflow.set_tag("shrinkfleet.failed_models", ",".join(failures))
     return {"models": results, "report": str(path), "parent_run_id": parent_run_id, "use_dvc": use_dvc,
             "trigger": trigger, "engine": run_cfg.engine}
+
+
+def _draw_model_plots(ws: Workspace, model: str) -> None:
+    """A finished model's plots, ahead of the report (which draws them itself, and says why, if this could not)."""
+    with contextlib.suppress(Exception):
+        report.model_plots(ws, model, report.load_metrics(ws, [model])[model])
 
 
 def _tag_workers(run_id: str, workers: dict[str, str]) -> None:
@@ -543,8 +626,13 @@ def run_fleet(
     if not needs_prefect_run(params_file, root, models, use_dvc, force):
         discard_early()
         return fleet_flow.fn(**kwargs)
-    with prefect_api():
-        return fleet_flow(**kwargs)
+    try:
+        with contextlib.suppress(Exception):  # (a bad ``run:`` is the flow's to report, naming the key)
+            start_workers_early(resolve_run(load_params(params_file).run, workers, engine, dask_address))
+        with prefect_api():
+            return fleet_flow(**kwargs)
+    finally:
+        discard_early_workers()
 
 
 def needs_prefect_run(params_file: Path, root: Path, models: list[str] | None, use_dvc: bool, force: bool) -> bool:

@@ -14,6 +14,7 @@ tag, so a Prefect tag concurrency limit on ``gpu`` bounds how many train at once
 from __future__ import annotations
 
 import importlib
+import logging
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -21,6 +22,28 @@ from prefect.cache_policies import NO_CACHE
 from tasks.common import execute, is_transient
 
 GPU = ["gpu"]
+STAGE_MODULES = ("prepare", "teacher", "distill", "prune", "compress", "evaluate")
+log = logging.getLogger("shrinkfleet")
+
+
+def preload() -> None:
+    """A worker process's initializer: load TensorFlow, TFMOT, LiteRT and every stage module now.
+
+    A worker starts before it has a stage to run (see ``flows.fleet.WorkerPool``), so its few
+    seconds of imports overlap the flow's set-up and the first stage, instead of delaying
+    the first training stage each worker receives. An import that fails is left for the
+    stage that needs it to report, with its cause.
+    """
+    try:
+        for stage in STAGE_MODULES:
+            importlib.import_module(f"tasks.{stage}")
+        from shrinkfleet.tfenv import quiet_native_stderr, tfmot
+
+        tfmot()
+        with quiet_native_stderr():
+            import ai_edge_litert.interpreter  # noqa: F401
+    except Exception as exc:  # (reported by the stage that needs it)
+        log.debug("preloading the stage modules failed: %s", exc)
 
 
 def _run(stage: str, target: str, root: str, params_file: str, use_dvc: bool, force: bool) -> dict:

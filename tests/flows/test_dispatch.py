@@ -9,8 +9,10 @@ import threading
 import time
 import uuid
 
+import pytest
 from prefect.futures import PrefectConcurrentFuture
 
+import flows.fleet as fleet_module
 from flows.fleet import Dispatcher, FullPool, in_flight_limit
 from shrinkfleet.config import RunConfig
 
@@ -49,7 +51,7 @@ def test_dispatch_keeps_at_most_one_stage_per_worker_and_the_furthest_model_firs
 
 def test_one_worker_gets_no_wait_for_and_an_existing_dask_cluster_no_limit():
     runner = FakeRunner()
-    d = Dispatcher(runner, limit=1)
+    d = Dispatcher(runner, limit=2, workers=1)
     d.add((0,), task=None, parameters={"name": "a"}, owner="a")
     d.pump()
     runner.futures["a"].set_result({})
@@ -57,7 +59,7 @@ def test_one_worker_gets_no_wait_for_and_an_existing_dask_cluster_no_limit():
     d.add((0,), task=None, parameters={"name": "b"}, owner="b", upstream=up)
     d.pump()
     assert runner.submitted[-1] == ("b", [])
-    assert in_flight_limit(RunConfig(workers=3)) == 3
+    assert in_flight_limit(RunConfig(workers=3)) == 4  # one queued: a worker never waits for the flow
     assert in_flight_limit(RunConfig(engine="dask", dask_address="tcp://10.0.0.5:8786")) is None
 
 
@@ -74,6 +76,43 @@ def test_worker_pool_starts_full_and_replaces_workers_after_their_quota():
         pids = [f.result(timeout=120) for f in [pool.submit(_pid_after, 0.02) for _ in range(9)]]
     # 10 tasks, 2 per worker: at least 5 different processes, and every task finished.
     assert len(pids) == 9 and len(set(pids) | {first.result()}) >= 5
+
+
+def _tensorflow_loaded() -> bool:
+    import sys
+
+    return "tensorflow" in sys.modules and "tasks.prune" in sys.modules
+
+
+@pytest.fixture
+def no_early_pool():
+    yield
+    fleet_module.discard_early_workers()
+
+
+def test_an_early_pool_starts_its_workers_loaded_and_the_flow_takes_it(no_early_pool):
+    run = RunConfig(workers=1)
+    fleet_module.start_workers_early(run)
+    pool = fleet_module._early_pool[1]
+    assert len(pool._executor._processes) == 1  # started before any stage was submitted
+    # The initializer ran before this first call: TensorFlow and the stage modules are there already.
+    assert pool._executor.submit(_tensorflow_loaded).result(timeout=300) is True
+    with fleet_module._stage_runner(run) as runner:
+        assert runner is pool
+    assert fleet_module._early_pool is None and pool._executor is None  # the flow's exit stopped it
+
+
+def test_an_early_pool_for_another_run_config_is_stopped_not_used(no_early_pool):
+    fleet_module.start_workers_early(RunConfig(workers=1))
+    early = fleet_module._early_pool[1]
+    processes = list(early._executor._processes.values())
+    with fleet_module._stage_runner(RunConfig(workers=2)) as runner:
+        assert runner is not early and runner._max_workers == 2
+        assert not any(p.is_alive() for p in processes)  # terminated, not left loading TensorFlow
+    fleet_module.start_workers_early(RunConfig(workers=1))
+    processes = list(fleet_module._early_pool[1]._executor._processes.values())
+    fleet_module.discard_early_workers()  # what run_fleet does when the flow never started
+    assert fleet_module._early_pool is None and not any(p.is_alive() for p in processes)
 
 
 def test_the_temporary_api_is_visible_to_threads(tmp_path, monkeypatch):
