@@ -165,8 +165,12 @@ def machine() -> dict[str, Any]:
 
 
 def write_results(name: str, doc: dict[str, Any], out: Path | None = None) -> Path:
-    """Write ``doc`` (plus the machine and the time) to bench/results/<name>.json atomically."""
-    path = out or RESULTS / f"{name}.json"
+    """Write ``doc`` (plus the machine and the time) to bench/results/<name>.json atomically.
+
+    A ``--quick`` run (``doc["quick"]``) goes to bench/results/quick-<name>.json instead, so a
+    smoke run never replaces the full run's figures that the README quotes.
+    """
+    path = out or RESULTS / (f"quick-{name}.json" if doc.get("quick") else f"{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "measured": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "machine": machine(), **doc}

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="every script's --quick mode")
     ap.add_argument("--only", nargs="+", choices=SCRIPTS, default=None, help="these scripts only")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/all.json)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/[quick-]all.json)")
     args = ap.parse_args(argv)
     seconds: dict[str, float] = {}
     start = time.perf_counter()

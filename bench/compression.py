@@ -100,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (1,500 images, few epochs)")
     parser.add_argument("--mnist", type=Path, default=Path(os.environ.get(
         "SHRINKFLEET_MNIST_DIR", ROOT.parent / "shared" / "datasets" / "mnist-t10k")))
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compression.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default bench/results/[quick-]compression.json)")
     parser.add_argument("--models", default="LeNet-300-100,LeNet-5", help="comma-separated")
     args = parser.parse_args(argv)
+    args.out = args.out or ROOT / "bench" / "results" / f"{'quick-' if args.quick else ''}compression.json"
     if not args.mnist.is_dir():
         print(f"error: {args.mnist} not found (the MNIST IDX files; set --mnist or SHRINKFLEET_MNIST_DIR)",
               file=sys.stderr)

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 models, 1 repetition")
     ap.add_argument("--models", type=int, default=None, help="fleet size (default 8, quick 2)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per worker count (default 3, quick 1)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/fanout.json)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/[quick-]fanout.json)")
     args = ap.parse_args(argv)
     n = args.models or (2 if args.quick else 8)
     reps = args.reps or (1 if args.quick else 3)

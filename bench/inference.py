@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mnist", type=Path, default=Path(os.environ.get(
         "SHRINKFLEET_MNIST_DIR", ROOT.parent / "shared" / "datasets" / "mnist-t10k")))
     ap.add_argument("--runs", type=int, default=None, help="timed calls per case (default 500, quick 100)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/inference.json)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/[quick-]inference.json)")
     args = ap.parse_args(argv)
     runs = args.runs or (100 if args.quick else 500)
 

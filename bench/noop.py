@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 small model, 1 rerun")
     ap.add_argument("--reps", type=int, default=None, help="no-op reruns (default 3, quick 1)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/noop.json)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/[quick-]noop.json)")
     args = ap.parse_args(argv)
     reps = args.reps or (1 if args.quick else 3)
     params = tiny_fleet(1) if args.quick else yaml.safe_load((ROOT / "params.yaml").read_text())

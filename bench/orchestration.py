@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 small model, 1 repetition")
     ap.add_argument("--reps", type=int, default=None, help="repetitions of each side (default 3, quick 1)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/orchestration.json)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default bench/results/[quick-]orchestration.json)")
     ap.add_argument("--direct", type=Path, default=None, help=argparse.SUPPRESS)  # the direct side's own process
     args = ap.parse_args(argv)
     if args.direct:

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fleets of 2 and 4 models")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="fleet sizes (default 10 50 100)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/scale.json)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/[quick-]scale.json)")
     args = ap.parse_args(argv)
     sizes = args.sizes or ([2, 4] if args.quick else [10, 50, 100])
     rows, results = [], []

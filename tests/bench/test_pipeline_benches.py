@@ -74,3 +74,16 @@ def test_all_times_each_script_it_runs(tmp_path):
     assert doc["benchmark"] == "all" and doc["scripts"] == ["inference"] and doc["quick"] is True
     assert 0 < doc["seconds"]["inference"] <= doc["total_seconds"]
     assert json.loads((tmp_path / "quick-inference.json").read_text())["benchmark"] == "inference"
+
+
+def test_a_quick_run_never_replaces_the_full_runs_results(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    full = _common.write_results("fanout", {"quick": False, "speedup": 1.5})
+    quick = _common.write_results("fanout", {"quick": True, "speedup": 1.0})
+    assert (full.name, quick.name) == ("fanout.json", "quick-fanout.json")
+    assert json.loads(full.read_text())["speedup"] == 1.5
