@@ -34,6 +34,7 @@ def preload() -> None:
     the first training stage each worker receives. An import that fails is left for the
     stage that needs it to report, with its cause.
     """
+    reuse_tls_context()
     try:
         for stage in STAGE_MODULES:
             importlib.import_module(f"tasks.{stage}")
@@ -44,6 +45,27 @@ def preload() -> None:
             import ai_edge_litert.interpreter  # noqa: F401
     except Exception as exc:  # (reported by the stage that needs it)
         log.debug("preloading the stage modules failed: %s", exc)
+
+
+def reuse_tls_context() -> None:
+    """Let every Prefect API client of this process share one TLS context per CA file.
+
+    Prefect's client reads the CA bundle into a new ``ssl.SSLContext`` each time one is made,
+    and its task engine makes two per task: 0.11 s of CPU per stage in a worker, measured (4.7
+    of 75 s on 8 small models with one worker). One context per CA file serves every request
+    the same way (httpx itself recommends sharing one). Only the name ``ssl`` inside Prefect's
+    client module is replaced; the rest of the process keeps the standard library's function.
+    """
+    import functools
+    import types
+
+    import prefect.client.orchestration as orchestration
+
+    if isinstance(orchestration.ssl, types.ModuleType):
+        shared = types.SimpleNamespace(**{k: getattr(orchestration.ssl, k) for k in dir(orchestration.ssl)
+                                          if not k.startswith("__")})
+        shared.create_default_context = functools.lru_cache(maxsize=8)(orchestration.ssl.create_default_context)
+        orchestration.ssl = shared
 
 
 def _run(stage: str, target: str, root: str, params_file: str, use_dvc: bool, force: bool) -> dict:

@@ -133,3 +133,25 @@ def test_the_temporary_api_is_visible_to_threads(tmp_path, monkeypatch):
     assert seen == [url]
     # Afterwards the process is as it was: later runs (and tests) must not see a stopped server.
     assert "PREFECT_API_URL" not in os.environ and prefect.context.GLOBAL_SETTINGS_CONTEXT is before
+
+
+def test_prefect_clients_of_a_worker_share_one_tls_context(monkeypatch):
+    import ssl
+
+    import prefect.client.orchestration as orchestration
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from tasks.stages import reuse_tls_context
+
+    made = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: made.append(k) or real(*a, **k))
+    monkeypatch.setattr(orchestration, "ssl", ssl)  # (restored after the test, with the real module)
+    SyncPrefectClient("http://127.0.0.1:9/api")
+    SyncPrefectClient("http://127.0.0.1:9/api")
+    assert len(made) == 2  # Prefect alone: a context per client
+    made.clear()
+    reuse_tls_context()
+    first, second = SyncPrefectClient("http://127.0.0.1:9/api"), SyncPrefectClient("http://127.0.0.1:9/api")
+    assert len(made) == 1 and made[0].get("cafile")  # one, still verifying against the CA bundle
+    assert first is not second and orchestration.ssl.SSLContext is ssl.SSLContext
