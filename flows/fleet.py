@@ -147,10 +147,14 @@ class WorkerPool(ProcessPoolTaskRunner):
                                   initializer=plain._initializer, initargs=plain._initargs,
                                   max_tasks_per_child=self.max_stages_per_worker or None)
         plain.shutdown(wait=False)
-        # Every worker starts (and loads TensorFlow) now, not at its first stage. (This call counts
-        # as one of the first worker's ``max_stages_per_worker``.)
-        self._executor.submit(os.getpid)
         return self
+
+    def start_workers(self) -> None:
+        """Start every worker now (each loads TensorFlow as it starts) instead of with the first stage.
+
+        The call that does it counts as one of the first worker's ``max_stages_per_worker``.
+        """
+        self._executor.submit(os.getpid)
 
     def discard(self) -> None:
         """Stop a pool no flow will use, without waiting for its workers to finish loading TensorFlow."""
@@ -175,6 +179,7 @@ def start_workers_early(run: RunConfig) -> None:
         return
     pool = WorkerPool(max_workers=run.workers, max_stages_per_worker=run.worker_max_stages)
     pool.__enter__()
+    pool.start_workers()
     _early_pool = ((run.workers, run.worker_max_stages), pool)
 
 

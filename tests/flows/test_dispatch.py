@@ -102,6 +102,12 @@ def test_an_early_pool_starts_its_workers_loaded_and_the_flow_takes_it(no_early_
     assert fleet_module._early_pool is None and pool._executor is None  # the flow's exit stopped it
 
 
+def test_a_pool_starts_no_worker_until_a_stage_or_an_early_start_asks():
+    """A night with nothing to run enters the pool too: it must not load TensorFlow twice for nothing."""
+    with fleet_module.WorkerPool(max_workers=2) as pool:
+        assert not pool._executor._processes
+
+
 def test_an_early_pool_for_another_run_config_is_stopped_not_used(no_early_pool):
     fleet_module.start_workers_early(RunConfig(workers=1))
     early = fleet_module._early_pool[1]
