@@ -34,7 +34,10 @@ def preload() -> None:
     the first training stage each worker receives. An import that fails is left for the
     stage that needs it to report, with its cause.
     """
-    reuse_tls_context()
+    try:
+        reuse_tls_context()
+    except Exception as exc:  # (a saving only: Prefect works without it)
+        log.debug("Prefect clients keep their own TLS contexts: %s", exc)
     try:
         for stage in STAGE_MODULES:
             importlib.import_module(f"tasks.{stage}")
