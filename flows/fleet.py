@@ -156,6 +156,11 @@ class WorkerPool(ProcessPoolTaskRunner):
         """
         self._executor.submit(os.getpid)
 
+    def fits(self, run: RunConfig) -> bool:
+        """Whether this is the pool ``run:`` asks for."""
+        return (run.engine == "process" and run.workers == self._max_workers
+                and run.worker_max_stages == self.max_stages_per_worker)
+
     def discard(self) -> None:
         """Stop a pool no flow will use, without waiting for its workers to finish loading TensorFlow."""
         if isinstance(self._executor, FullPool):
@@ -163,8 +168,8 @@ class WorkerPool(ProcessPoolTaskRunner):
         self.__exit__(None, None, None)
 
 
-# A worker pool started ahead of the flow (see :func:`start_workers_early`), with the run it was made for.
-_early_pool: tuple[tuple[int, int], WorkerPool] | None = None
+# A worker pool started ahead of the flow (see :func:`start_workers_early`).
+_early_pool: WorkerPool | None = None
 
 
 def start_workers_early(run: RunConfig) -> None:
@@ -177,17 +182,15 @@ def start_workers_early(run: RunConfig) -> None:
     global _early_pool
     if run.engine != "process" or _early_pool is not None:
         return
-    pool = WorkerPool(max_workers=run.workers, max_stages_per_worker=run.worker_max_stages)
-    pool.__enter__()
-    pool.start_workers()
-    _early_pool = ((run.workers, run.worker_max_stages), pool)
+    _early_pool = WorkerPool(max_workers=run.workers, max_stages_per_worker=run.worker_max_stages).__enter__()
+    _early_pool.start_workers()
 
 
 def discard_early_workers() -> None:
     """Stop a pool :func:`start_workers_early` started that no flow took."""
     global _early_pool
     if _early_pool is not None:
-        _early_pool[1].discard()
+        _early_pool.discard()
         _early_pool = None
 
 
@@ -196,16 +199,21 @@ def _stage_runner(run: RunConfig) -> Iterator[TaskRunner]:
     """The started task runner the stages go to: the pool started early for this ``run:``, or a new one."""
     global _early_pool
     early, _early_pool = _early_pool, None
-    if early is not None and run.engine == "process" and early[0] == (run.workers, run.worker_max_stages):
+    if early is not None and early.fits(run):
         try:  # (already started)
-            yield early[1]
+            yield early
         finally:
-            early[1].__exit__(None, None, None)
+            early.__exit__(None, None, None)
         return
     if early is not None:
-        early[1].discard()
+        early.discard()
     with task_runner(run) as runner:
         yield runner
+
+
+def parallel_workers(run: RunConfig) -> int | None:
+    """How many stages run at once: ``run.workers``, or None (unknown) on an existing Dask cluster."""
+    return None if run.engine == "dask" and run.dask_address else run.workers
 
 
 def in_flight_limit(run: RunConfig) -> int | None:
@@ -217,7 +225,8 @@ def in_flight_limit(run: RunConfig) -> int | None:
     stages). None (no limit) for an existing Dask cluster, whose size the cluster decides and
     whose scheduler queues what it cannot start yet.
     """
-    return None if run.engine == "dask" and run.dask_address else run.workers + 1
+    workers = parallel_workers(run)
+    return None if workers is None else workers + 1
 
 
 class Dispatcher:
@@ -412,8 +421,7 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
                     _emit({"stage": stage, "target": m, "status": "skipped", "seconds": 0.0})
                 else:
                     chains[m].append((stage, task))
-        dispatch = Dispatcher(runner, in_flight_limit(run_cfg),
-                              None if run_cfg.engine == "dask" and run_cfg.dask_address else run_cfg.workers)
+        dispatch = Dispatcher(runner, in_flight_limit(run_cfg), parallel_workers(run_cfg))
 
         def next_stage(model: str, upstream: PrefectFuture | None) -> None:
             """Queue the model's next stage after ``upstream``, or track the model when none is left."""

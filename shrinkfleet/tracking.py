@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from shrinkfleet.config import ResolvedModel
@@ -156,8 +157,6 @@ def log_model(
         gate_verdicts: variant -> gate verdict, tagged on each variant run.
         serve: the variant to also log as a servable pyfunc (the gate's candidate).
     """
-    from mlflow.entities import Metric, Param
-
     client = MlflowClient()
     dataset = _dataset_input(cfg.dataset_name, dataset_dir, doc["dataset_digest"])
     common_tags = {f"{TAG}.model": cfg.name, f"{TAG}.dataset_digest": doc["dataset_digest"]}

@@ -7,9 +7,11 @@ model's evaluate stage, whether the stages ran or were skipped as up to date.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric, RunTag
 
 from shrinkfleet import gate, registry, report, tracking, versioning
 from shrinkfleet.config import ResolvedModel
@@ -115,10 +117,6 @@ def log_production(model: str, model_run_id: str) -> None:
     version = registry.production(model)
     if version is None:
         return
-    import time
-
-    from mlflow.entities import Metric, RunTag
-
     prefix, now = f"{registry.T}.metric.", int(time.time() * 1000)
     metrics = [Metric(f"production_{key.removeprefix(prefix)}", float(value), now, 0)
                for key, value in version.tags.items() if key.startswith(prefix)]

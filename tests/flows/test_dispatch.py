@@ -93,7 +93,7 @@ def no_early_pool():
 def test_an_early_pool_starts_its_workers_loaded_and_the_flow_takes_it(no_early_pool):
     run = RunConfig(workers=1)
     fleet_module.start_workers_early(run)
-    pool = fleet_module._early_pool[1]
+    pool = fleet_module._early_pool
     assert len(pool._executor._processes) == 1  # started before any stage was submitted
     # The initializer ran before this first call: TensorFlow and the stage modules are there already.
     assert pool._executor.submit(_tensorflow_loaded).result(timeout=300) is True
@@ -110,13 +110,13 @@ def test_a_pool_starts_no_worker_until_a_stage_or_an_early_start_asks():
 
 def test_an_early_pool_for_another_run_config_is_stopped_not_used(no_early_pool):
     fleet_module.start_workers_early(RunConfig(workers=1))
-    early = fleet_module._early_pool[1]
+    early = fleet_module._early_pool
     processes = list(early._executor._processes.values())
     with fleet_module._stage_runner(RunConfig(workers=2)) as runner:
         assert runner is not early and runner._max_workers == 2
         assert not any(p.is_alive() for p in processes)  # terminated, not left loading TensorFlow
     fleet_module.start_workers_early(RunConfig(workers=1))
-    processes = list(fleet_module._early_pool[1]._executor._processes.values())
+    processes = list(fleet_module._early_pool._executor._processes.values())
     fleet_module.discard_early_workers()  # what run_fleet does when the flow never started
     assert fleet_module._early_pool is None and not any(p.is_alive() for p in processes)
 
