@@ -19,6 +19,7 @@ import contextlib
 import datetime as dt
 import heapq
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -149,6 +150,10 @@ class WorkerPool(ProcessPoolTaskRunner):
         plain.shutdown(wait=False)
         return self
 
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        with settings_by_reference():
+            return super().submit(*args, **kwargs)
+
     def start_workers(self) -> None:
         """Start every worker now (each loads TensorFlow as it starts) instead of with the first stage.
 
@@ -166,6 +171,35 @@ class WorkerPool(ProcessPoolTaskRunner):
         if isinstance(self._executor, FullPool):
             self._executor.terminate()
         self.__exit__(None, None, None)
+
+
+_by_reference = threading.Lock()
+
+
+@contextlib.contextmanager
+def settings_by_reference() -> Iterator[None]:
+    """Within this block Prefect hands a task's settings to a worker as the Settings object itself.
+
+    Prefect's process pool serializes the settings context for every task it submits: a
+    ``model_dump`` of the whole settings tree (about 30 ms here), which the worker then
+    validates back into a ``Settings`` model, reading the environment and .env sources again
+    (about 90 ms). Five tasks per model, a hundred models: over a minute of CPU. The worker
+    runs on this machine, so the object itself is pickled instead (under 1 ms each way);
+    Prefect's ``hydrated_context`` accepts it as the ``settings`` field as it is. Only
+    :class:`WorkerPool` submissions use this; everything else serializes as Prefect does.
+    """
+    from prefect.context import SettingsContext
+
+    def serialize(self: SettingsContext, include_secrets: bool = True) -> dict[str, Any]:
+        return {"profile": self.profile, "settings": self.settings}
+
+    with _by_reference:
+        original = SettingsContext.serialize
+        SettingsContext.serialize = serialize
+        try:
+            yield
+        finally:
+            SettingsContext.serialize = original
 
 
 # A worker pool started ahead of the flow (see :func:`start_workers_early`).

@@ -63,6 +63,9 @@ class TemporaryServer:
         env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
                "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         env.pop("PREFECT_API_URL", None)
+        # No telemetry from a server that lives for one run (and no failing DNS look-ups on a
+        # machine without internet), unless the user's settings ask for it.
+        env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "0")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),

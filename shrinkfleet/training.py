@@ -30,8 +30,12 @@ def fit(
 ) -> dict[str, list[float]]:
     """Compile with Adam and fit; restore the best val-loss weights when early stopping.
 
+    ``val`` is evaluated after every epoch only when early stopping needs it (``patience``
+    > 0): nothing else reads the validation history, and on a small model Keras' traced
+    validation loop and its per-epoch pass cost a good part of the fit.
+
     Returns:
-        Keras' history dict (per-epoch loss and metrics, train and val).
+        Keras' history dict (per-epoch loss and metrics; with ``patience``, val_* as well).
     """
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
     cbs = list(callbacks or [])
@@ -41,7 +45,7 @@ def fit(
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))  # one seeded shuffle; fit reshuffles every epoch
     history = model.fit(
-        x[order], y[order], validation_data=val, epochs=epochs, batch_size=batch_size,
+        x[order], y[order], validation_data=val if patience else None, epochs=epochs, batch_size=batch_size,
         callbacks=cbs, verbose=0, shuffle=True,
     )
     return {k: [float(v) for v in vals] for k, vals in history.history.items()}

@@ -161,3 +161,23 @@ def test_prefect_clients_of_a_worker_share_one_tls_context(monkeypatch):
     first, second = SyncPrefectClient("http://127.0.0.1:9/api"), SyncPrefectClient("http://127.0.0.1:9/api")
     assert len(made) == 1 and made[0].get("cafile")  # one, still verifying against the CA bundle
     assert first is not second and orchestration.ssl.SSLContext is ssl.SSLContext
+
+
+def test_a_worker_gets_the_settings_object_itself_and_the_same_settings():
+    import pickle
+
+    from prefect.context import SettingsContext, hydrated_context, serialize_context
+    from prefect.settings import PREFECT_API_URL, PREFECT_TASK_DEFAULT_RETRIES, get_current_settings, temporary_settings
+
+    from flows.fleet import settings_by_reference
+
+    prefect_way = SettingsContext.serialize
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_TASK_DEFAULT_RETRIES: 4}):
+        with settings_by_reference():
+            sent = pickle.dumps(serialize_context())
+        assert isinstance(serialize_context()["settings_context"]["settings"], dict)  # Prefect's way again
+        expected = get_current_settings()
+    assert SettingsContext.serialize is prefect_way
+    with hydrated_context(pickle.loads(sent)):  # what the worker does with it
+        got = get_current_settings()
+        assert got == expected and got.api.url == "http://127.0.0.1:9/api" and got.tasks.default_retries == 4

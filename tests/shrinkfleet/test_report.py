@@ -107,6 +107,24 @@ def test_waterfall_goes_from_teacher_to_coded():
     assert "80% zeros" in steps[2][2] and steps[4][2].startswith("pruned-clustered")
 
 
+@pytest.mark.parametrize(("n", "text"), [(950, "950 B"), (1_000, "1 kB"), (1_506, "1.51 kB"),
+                                         (20_000, "20 kB"), (3_500_000, "3.5 MB"), (2e9, "2 GB")])
+def test_bytes_read_in_decimal_units(n, text):
+    assert report.human_bytes(n) == text
+
+
+def test_byte_axes_are_labelled_in_bytes_not_powers_of_ten():
+    plt = report._pyplot()
+    fig, ax = plt.subplots()
+    ax.bar(["a", "b"], [1_500, 180_000])
+    ax.set_yscale("log")
+    report._byte_ticks(ax.yaxis)
+    fig.canvas.draw()
+    labels = {t.get_text() for t in ax.get_yticklabels() if t.get_text()}
+    plt.close(fig)
+    assert {"1 kB", "10 kB", "100 kB"} <= labels and not any("$" in t for t in labels)
+
+
 def test_report_files_have_the_right_numbers_and_valid_plots(store, tmp_path):
     import matplotlib.image
 

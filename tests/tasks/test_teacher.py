@@ -78,3 +78,12 @@ def test_mixed_precision_trains_in_float16_and_saves_float32(digits, teacher):
     ref_student, _ = distill(teacher, MlpArch(hidden=[16]), dcfg, digits, seed=0)
     acc, ref = (training.accuracy(m, digits.test.x, digits.test.y) for m in (student, ref_student))
     assert ref > 0.7 and abs(acc - ref) < 0.05, (acc, ref)
+
+
+def test_validation_runs_only_when_early_stopping_needs_it(digits):
+    from tasks.teacher import train_teacher
+
+    _, plain = train_teacher(MlpArch(hidden=[8]), TrainConfig(epochs=2, patience=0), digits, 0)
+    _, early = train_teacher(MlpArch(hidden=[8]), TrainConfig(epochs=2, patience=1), digits, 0)
+    assert len(plain["loss"]) == 2 and not any(k.startswith("val_") for k in plain)
+    assert len(early["val_loss"]) == len(early["loss"]) >= 1
