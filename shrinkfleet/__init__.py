@@ -10,5 +10,8 @@ import os
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 # TensorFlow's C++ start-up banners (oneDNN, CUDA probing) drown the report on CPU hosts.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Nothing phones home: MLflow 3 otherwise starts threads that fetch a telemetry config from
+# the internet in every process that imports it (set the variable to "false" to allow it).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 __version__ = "0.1.0"
