@@ -1,6 +1,6 @@
 """`make bench`: every benchmark one after another, each timed, then the README table.
 
-    python bench/all.py              # every script, 34 minutes on 2 cores (2026-11-29)
+    python bench/all.py              # every script, 25 minutes on 2 cores (2026-11-29)
     python bench/all.py --quick      # every script in its --quick mode (a smoke run)
 
 Writes bench/results/all.json: the wall time of each script and of the whole run, with the

@@ -1,6 +1,6 @@
 """Fan-out: the same fleet of small models with 1 and with 2 parallel worker processes.
 
-    python bench/fanout.py            # 8 models, 3 repetitions of each (about 7 minutes on 2 cores)
+    python bench/fanout.py            # 8 models, 3 repetitions of each (about 5 minutes on 2 cores)
     python bench/fanout.py --quick    # 2 models, 1 repetition (CI smoke run)
 
 Each repetition is a fresh project, run as a user would (`shrinkfleet run --no-dvc --workers N`),

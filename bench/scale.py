@@ -1,6 +1,6 @@
 """Scale: fleets of 10, 50 and 100 small models; wall time and peak memory against fleet size.
 
-    python bench/scale.py            # 10, 50, 100 models (14 minutes on 2 cores)
+    python bench/scale.py            # 10, 50, 100 models (10 minutes on 2 cores)
     python bench/scale.py --quick    # 2 and 4 models (CI smoke run)
 
 Each fleet is a fresh project run with `shrinkfleet run --no-dvc` and 2 worker processes, so
