@@ -67,7 +67,7 @@ class TemporaryServer:
         env.pop("PREFECT_API_URL", None)
         # No telemetry from a server that lives for one run (and no failing DNS look-ups on a
         # machine without internet), unless the user's settings ask for it.
-        env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "0")
+        env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).resolve().parents[1]), "--factory",
              "flows.server:server_app", "--host", "127.0.0.1", "--port", str(self.port),

@@ -116,7 +116,6 @@ def run(
     """
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from shrinkfleet import locks
 
     if if_busy not in locks.IF_BUSY:
