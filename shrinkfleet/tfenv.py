@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -46,7 +45,6 @@ def quiet_native_stderr() -> Iterator[None]:
 
 
 with quiet_native_stderr():
-    import numpy as np
     import tensorflow as tf
     import tf_keras as keras
 
@@ -108,11 +106,15 @@ def reset(seed: int) -> None:
 
     Worker processes run many stages one after another; without clearing, layer names
     and graph state accumulate across models and runs stop being reproducible.
+
+    ``keras.utils.set_random_seed`` also gives this thread a generator of its own for the
+    seeds of unseeded initializers. Without it Keras draws them from Python's global
+    ``random``, which other threads of the process draw from too: a Dask worker's event
+    loop does, so the same stage on Dask trained from different initial weights from one run
+    to the next (and differed from the process pool, whose worker threads never draw).
     """
     keras.backend.clear_session()
-    random.seed(seed)
-    np.random.seed(seed)
-    tf.random.set_seed(seed)
+    keras.utils.set_random_seed(seed)  # random, NumPy and TensorFlow, plus Keras' per-thread seed generator
     os.environ["PYTHONHASHSEED"] = str(seed)
 
 

@@ -83,10 +83,12 @@ def load(path) -> keras.Model:
 
 
 def save(model: keras.Model, path) -> None:
-    """Save weights and architecture, without optimizer state, atomically.
+    """Save weights and architecture, without optimizer state, atomically and byte-reproducibly.
 
     The native ``.keras`` format stores a compiled model's optimizer; an uncompiled clone
-    keeps the artifact to what inference and the next stage need.
+    keeps the artifact to what inference and the next stage need. The same model always
+    gives the same bytes (see :func:`reproducible_archive`), so DVC sees an unchanged output
+    when a stage re-runs on unchanged inputs and the stages after it stay up to date.
     """
     from pathlib import Path
 
@@ -94,3 +96,33 @@ def save(model: keras.Model, path) -> None:
 
     with atomic_path(Path(path), suffix=".keras") as tmp:
         clone(model).save(tmp)
+        reproducible_archive(tmp)
+
+
+def reproducible_archive(path) -> None:
+    """Rewrite a ``.keras`` archive in place without what changes from one save to the next.
+
+    A ``.keras`` file is a zip of ``metadata.json``, ``config.json`` and the weights. Keras
+    writes the time of saving twice: ``date_saved`` in the metadata, which Keras never reads
+    back, and each member's zip timestamp. Both go (members get the zip epoch, 1980-01-01);
+    members, their order and their compression stay as Keras wrote them.
+    """
+    import io
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        members = [(info, zf.read(info)) for info in zf.infolist()]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as out:
+        for info, data in members:
+            if info.filename == "metadata.json":
+                meta = json.loads(data)
+                meta.pop("date_saved", None)
+                data = json.dumps(meta, sort_keys=True).encode()
+            fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            fixed.compress_type = info.compress_type
+            fixed.external_attr = 0o644 << 16
+            out.writestr(fixed, data)
+    with open(path, "wb") as fh:
+        fh.write(buf.getvalue())
