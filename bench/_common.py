@@ -75,9 +75,12 @@ def make_project(path: Path, params: dict[str, Any], dvc: bool = True) -> Path:
     path.mkdir(parents=True)
     for folder in ("shrinkfleet", "tasks", "flows"):
         shutil.copytree(ROOT / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if dvc:
+        from shrinkfleet import pipeline
+        from shrinkfleet.config import parse_params
+
+        pipeline.sync(path, parse_params(params))  # what `shrinkfleet sync` writes
         subprocess.run(["git", "init", "-q"], cwd=path, check=True)
         subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=path, check=True)
         subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=path, check=True)

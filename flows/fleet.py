@@ -13,8 +13,6 @@ A model whose stage fails for good stops there; the others go on, and the run re
 which model failed at which stage.
 """
 
-from __future__ import annotations
-
 import contextlib
 import datetime as dt
 import heapq
@@ -24,14 +22,15 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from prefect import flow
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from shrinkfleet import locks, remote, report, storage, tracking, versioning
+from shrinkfleet import locks, pipeline, remote, report, storage, tracking, versioning
 from shrinkfleet.config import ConfigError, RunConfig, load_params, select_models
+from shrinkfleet.pipeline import stage_name
 from shrinkfleet.workspace import Workspace
 from tasks import register
 from tasks.common import is_transient
@@ -137,10 +136,10 @@ class WorkerPool(ProcessPoolTaskRunner):
         super().__init__(max_workers=max_workers, initializer=preload)
         self.max_stages_per_worker = max_stages_per_worker
 
-    def duplicate(self) -> WorkerPool:
+    def duplicate(self) -> Self:
         return type(self)(max_workers=self._max_workers, max_stages_per_worker=self.max_stages_per_worker)
 
-    def __enter__(self) -> WorkerPool:
+    def __enter__(self) -> Self:
         super().__enter__()
         # Prefect builds a plain pool (no worker started yet); the same pool, kept full and recycling.
         plain = self._executor
@@ -437,20 +436,26 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
     ws_dirs = [root_p / "data" / "prepared", root_p / "models", root_p / "metrics", ws.reports]
     for line in storage.sweep_stale(ws_dirs):  # before any stage writes there
         _notice(f"recovered: {line}")
+    if use_dvc:  # the stage graph DVC checks and records is the one params.yaml describes now
+        changed = pipeline.sync(root_p, fleet)
+        if changed:
+            _notice(f"dvc.yaml: rewritten from {params_p.name} ({pipeline.summary(changed)})")
     started = dt.datetime.now(dt.UTC)
     results: dict[str, dict[str, Any]] = {m: {"status": "running", "stages": {}, "workers": {}} for m in names}
     with contextlib.ExitStack() as stack:
         runner = stack.enter_context(_stage_runner(run_cfg))
         datasets = fleet.datasets_in_use(names)
         users = {ds: [m for m in names if fleet.models[m].dataset == ds] for ds in datasets}
-        skip = _skippable(root_p, datasets, names, fleet) if use_dvc and not force else set()
+        skip, reasons = _plan(root_p, datasets, names, fleet) if use_dvc and not force else (set(), {})
+        for m in names:
+            results[m]["reason"] = ("--force" if force else "DVC off" if not use_dvc else reasons.get(m, ""))
         order = {m: i for i, m in enumerate(names)}
         # Each model's stages still to run, in order (only a prefix of a chain is ever skipped).
         chains: dict[str, list[tuple[str, Any]]] = {}
         for m in names:
             chains[m] = []
             for stage, task in MODEL_TASKS:
-                if f"{stage}@{m}" in skip:
+                if stage_name(stage, m) in skip:
                     results[m]["stages"][stage] = "skipped"
                     _emit({"stage": stage, "target": m, "status": "skipped", "seconds": 0.0})
                 else:
@@ -469,7 +474,7 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
 
         finished: list[str] = []
         for ds in datasets:
-            if f"prepare@{ds}" in skip:
+            if stage_name("prepare", ds) in skip:
                 for m in users[ds]:
                     results[m]["stages"]["prepare"] = "skipped"
                 _emit({"stage": "prepare", "target": ds, "status": "skipped", "seconds": 0.0})
@@ -507,7 +512,7 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
                 out = register.record(ws, fleet.resolve(model), results[model]["stages"], use_dvc, trigger,
                                       tags["git_sha"])
                 results[model].update(out, status="ok")
-                _tag_workers(out["run_id"], results[model]["workers"])
+                _tag_model_run(out["run_id"], results[model]["workers"], results[model]["reason"])
                 _emit_registry(model, out["registry"])
             except Exception as exc:  # (one model's tracking must not stop the fleet)
                 results[model].update(status="failed", failed_stage="track", error=f"{type(exc).__name__}: {exc}")
@@ -574,18 +579,19 @@ def _draw_model_plots(ws: Workspace, model: str) -> None:
         report.model_plots(ws, model, report.load_metrics(ws, [model])[model])
 
 
-def _tag_workers(run_id: str, workers: dict[str, str]) -> None:
-    """Tag the model's MLflow run with the worker of each stage that ran (``shrinkfleet.worker.<stage>``)."""
+def _tag_model_run(run_id: str, workers: dict[str, str], reason: str) -> None:
+    """Tag the model's MLflow run with why its stages ran (``shrinkfleet.reason``, empty when none
+    did) and the worker of each stage that ran (``shrinkfleet.worker.<stage>``)."""
+    from mlflow.entities import RunTag
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    for stage, worker in workers.items():
-        if worker:
-            client.set_tag(run_id, f"shrinkfleet.worker.{stage}", worker)
+    tags = [RunTag("shrinkfleet.reason", reason)]
+    tags += [RunTag(f"shrinkfleet.worker.{stage}", worker) for stage, worker in workers.items() if worker]
+    MlflowClient().log_batch(run_id, tags=tags)
 
 
-# (state key, stages up to date) of the last DVC status pass of this process.
-_last_status: tuple[tuple, set[str]] | None = None
+# (state key, DVC's status of every stage) of the last DVC status pass of this process.
+_last_status: tuple[tuple, dict[str, list[Any]]] | None = None
 
 
 def _state_key(root: Path) -> tuple:
@@ -600,8 +606,12 @@ def _state_key(root: Path) -> tuple:
     return (str(root), *(stat(root / f) for f in ("dvc.yaml", "dvc.lock", "params.yaml")), time.monotonic() // 60)
 
 
-def _skippable(root: Path, datasets: list[str], names: list[str], fleet: Any) -> set[str]:
-    """Stages that need no task at all: DVC reports them and every stage upstream up to date.
+def _plan(root: Path, datasets: list[str], names: list[str], fleet: Any) -> tuple[set[str], dict[str, str]]:
+    """Stages that need no task at all, and why each model that has work has it.
+
+    A stage is skipped when DVC reports it and every stage upstream up to date. A model's
+    reason is what DVC says changed for the first stage of its chain (its dataset's
+    ``prepare`` included) that is not skipped: the cause of everything after it.
 
     One DVC pass in the flow process; a stage with a stale upstream is submitted and decides
     for itself once its upstream has been re-run and committed. :func:`run_fleet` asks the
@@ -609,21 +619,24 @@ def _skippable(root: Path, datasets: list[str], names: list[str], fleet: Any) ->
     params files are unchanged and it is under a minute old.
     """
     global _last_status
-    stages = [f"prepare@{ds}" for ds in datasets] + [f"{s}@{m}" for m in names for s, _ in MODEL_TASKS]
     key = _state_key(root)
     if _last_status is not None and _last_status[0] == key:  # asked a moment ago (run_fleet), nothing changed since
-        clean = _last_status[1] & set(stages)
+        changed = _last_status[1]
     else:
-        clean = versioning.up_to_date(root, stages)
-        _last_status = (key, clean)
-    skip = {f"prepare@{ds}" for ds in datasets if f"prepare@{ds}" in clean}
+        changed = versioning.pipeline_status(root)
+        _last_status = (key, changed)
+    skip = {stage_name("prepare", ds) for ds in datasets if stage_name("prepare", ds) not in changed}
+    reasons: dict[str, str] = {}
     for m in names:
-        upstream_ok = f"prepare@{fleet.models[m].dataset}" in skip
-        for stage, _ in MODEL_TASKS:
-            upstream_ok = upstream_ok and f"{stage}@{m}" in clean
+        chain = [stage_name("prepare", fleet.models[m].dataset), *(stage_name(s, m) for s, _ in MODEL_TASKS)]
+        upstream_ok = True
+        for stage in chain:
+            upstream_ok = upstream_ok and stage not in changed
             if upstream_ok:
-                skip.add(f"{stage}@{m}")
-    return skip
+                skip.add(stage)
+            elif m not in reasons:
+                reasons[m] = versioning.describe_change(root, stage, changed.get(stage, []))
+    return skip, reasons
 
 
 def _emit_registry(model: str, reg: dict[str, Any] | None) -> None:
@@ -642,7 +655,10 @@ def nothing_to_run(params_file: Path, root: Path, models: list[str] | None = Non
     fleet = load_params(params_file)
     names = select_models(fleet.model_names(), models)
     datasets = fleet.datasets_in_use(names)
-    return len(_skippable(root, datasets, names, fleet)) == len(datasets) + len(names) * len(MODEL_TASKS)
+    if pipeline.changes(root, fleet):  # dvc.yaml is behind params.yaml: the run rewrites it, then decides
+        return False
+    skip, _ = _plan(root, datasets, names, fleet)
+    return len(skip) == len(datasets) + len(names) * len(MODEL_TASKS)
 
 
 def run_fleet(
@@ -695,7 +711,7 @@ def launch_server_early(params_file: Path, root: Path, models: list[str] | None,
 
     ``shrinkfleet run --no-dvc`` (or ``--force``) calls this before checking its inputs, so the
     server's start-up (about 6 s) overlaps that work. With DVC, whether anything is to run is
-    DVC's answer (kept for :func:`run_fleet`, see :func:`_skippable`). Any error here is left
+    DVC's answer (kept for :func:`run_fleet`, see :func:`_plan`). Any error here is left
     for the checks that follow to report.
     """
     from flows.server import configured_api, launch_early

@@ -13,5 +13,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Nothing phones home: MLflow 3 otherwise starts threads that fetch a telemetry config from
 # the internet in every process that imports it (set the variable to "false" to allow it).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Prefect's client prints "Prefect collects anonymous usage data" on its first import in a
+# terminal, whatever PREFECT_SERVER_ANALYTICS_ENABLED says; only DO_NOT_TRACK stops it. With
+# analytics off (shrinkfleet's default; the Makefile exports it), the client says nothing either.
+if os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false").strip().lower() in ("0", "false", "no", "off"):
+    os.environ.setdefault("DO_NOT_TRACK", "1")
 
 __version__ = "0.1.0"

@@ -70,17 +70,6 @@ def preflight(fleet: Any, params: Path, root: Path, models: list[str]) -> list[s
     return all_problems(fleet, params, root, models)
 
 
-def dvc_preflight(root: Path, params: Path) -> list[str]:
-    """Keys dvc.yaml's stages read that params.yaml lacks, as messages saying how to fix them."""
-    import yaml
-
-    from shrinkfleet import versioning
-
-    raw = yaml.safe_load(params.read_text()) or {}
-    return [f"{key}: missing from {params.name}, and DVC tracks it; write it out "
-            f"(`{key.rsplit('.', 1)[-1]}: {{}}` takes the defaults)" for key in versioning.missing_params(root, raw)]
-
-
 @app.command()
 def run(
     models: Annotated[
@@ -143,14 +132,12 @@ def run(
 
     use_dvc = not no_dvc
     if use_dvc and not versioning.is_dvc_repo(root):
-        err.print(f"[yellow]note:[/] {root} has no .dvc/ or dvc.yaml: stages are neither skipped nor recorded "
+        err.print(f"[yellow]note:[/] {root} is not a DVC project (no .dvc/): stages are neither skipped nor recorded "
                   "(run `dvc init` to turn that on)", soft_wrap=True)
         use_dvc = False
     elif use_dvc and params != root / "params.yaml":
         err.print(f"[yellow]note:[/] DVC tracks {root / 'params.yaml'}; with --params {params} stages always run "
                   "and are not recorded", soft_wrap=True)
-    elif use_dvc:
-        problems += dvc_preflight(root, params)
     if problems:
         _fail("cannot start:\n  " + "\n  ".join(problems))
     start = time.perf_counter()
@@ -162,6 +149,8 @@ def run(
                 soft_wrap=True)):
             # Only now, every check passed: this may create the bucket and writes the DVC remote into .dvc/config.
             _remote_storage(fleet, root)
+            if use_dvc:
+                _sync_pipeline(root, params, fleet)
             where = (f"Dask at {run_cfg.dask_address}" if run_cfg.dask_address
                      else f"{run_cfg.workers} {run_cfg.engine} worker(s)")
             console.print(f"[bold]shrinkfleet[/] fleet [cyan]{fleet.fleet}[/]: {len(names)} model(s), "
@@ -262,7 +251,8 @@ def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapse
                           highlight=False)
         else:
             ran = [s for s, st in r["stages"].items() if st == "ran"]
-            line = f"[green]✓ {m}[/]: {'ran ' + ', '.join(ran) if ran else 'up to date, nothing ran'}"
+            why = f" ({r['reason']})" if ran and r.get("reason") else ""
+            line = f"[green]✓ {m}[/]: {'ran ' + ', '.join(ran) + why if ran else 'up to date, nothing ran'}"
             reg = r.get("registry")
             if reg:
                 line += f"; production {'v' + reg['version'] if reg['version'] else 'unset'} ({reg['reason']})"
@@ -286,6 +276,32 @@ def validate_schedule(cron: str, timezone: str) -> Any:
         raise ValueError(f"{option}: {detail}{example}") from None
 
 
+SERVED_DEPLOYMENT = "shrinkfleet-schedule"
+SERVED_TAG = "served-by-shrinkfleet"
+
+
+def _foreign_deployment(full_name: str) -> str | None:
+    """How an existing deployment ``flow/name`` that ``schedule`` did not create came about, or None.
+
+    None also when there is no such deployment.
+
+    Raises:
+        httpx.HTTPError: the Prefect API did not answer.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name(full_name)
+    except ObjectNotFound:
+        return None
+    if SERVED_TAG in (deployment.tags or []):
+        return None
+    pool = f"work pool {deployment.work_pool_name}" if deployment.work_pool_name else "no work pool"
+    return f"entrypoint {deployment.entrypoint or '?'}, {pool}, tags {', '.join(deployment.tags or []) or 'none'}"
+
+
 @app.command()
 def schedule(
     cron: Annotated[str, typer.Option("--cron", help="When to run: a cron expression, e.g. '0 2 * * *' (02:00).")],
@@ -295,9 +311,14 @@ def schedule(
     ] = None,
     params: ParamsOpt = None,
     root: RootOpt = Path("."),
-    name: Annotated[str, typer.Option("--name", help="Name of the Prefect deployment.")] = "shrinkfleet-nightly",
+    name: Annotated[str, typer.Option("--name", help="Name of the Prefect deployment (prefect.yaml's is "
+                                      "shrinkfleet-nightly).")] = SERVED_DEPLOYMENT,
 ) -> None:
     """Serve the fleet flow on a cron schedule from this machine until stopped (Ctrl-C).
+
+    The deployment is ``shrinkfleet-fleet/<name>``, tagged ``served-by-shrinkfleet``. A
+    deployment of that name that this command did not create (``prefect deploy`` of
+    prefect.yaml, say) is never replaced: the command stops and names it.
 
     Needs a Prefect server (PREFECT_API_URL): its scheduler creates the runs, and this process
     runs each one in a subprocess. Scheduled runs are tagged ``trigger=schedule`` in MLflow;
@@ -326,11 +347,21 @@ def schedule(
     if not api:
         _fail("PREFECT_API_URL is not set: a schedule needs a running Prefect server whose scheduler creates the "
               "runs (start one with `prefect server start`, then export PREFECT_API_URL=http://127.0.0.1:4200/api)")
+    import httpx
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
     from flows.fleet import fleet_flow
 
+    try:
+        other = _foreign_deployment(f"{fleet_flow.name}/{name}")
+    except httpx.HTTPError as exc:
+        _fail(f"the Prefect API at {api} does not answer ({type(exc).__name__}: {exc}); is `prefect server start` "
+              "running there?")
+    if other:
+        _fail(f"deployment {fleet_flow.name}/{name} exists and was not created by `shrinkfleet schedule` "
+              f"({other}); serving it would replace it. Pick another --name, or remove it first with "
+              f"`prefect deployment delete {fleet_flow.name}/{name}`")
     console.print(f"[bold]shrinkfleet[/] serving deployment [cyan]shrinkfleet-fleet/{name}[/] on {api}: "
                   f"'{cron_schedule.cron}' ({cron_schedule.timezone}), fleet {fleet.fleet}, "
                   f"{len(names)} model(s); Ctrl-C stops it")
@@ -338,7 +369,7 @@ def schedule(
         name=name,
         schedules=[Cron(cron_schedule.cron, timezone=cron_schedule.timezone)],
         parameters={"params_file": str(params), "root": str(root), "models": wanted},
-        tags=["shrinkfleet", "nightly"],
+        tags=["shrinkfleet", "nightly", SERVED_TAG],
         # Run by module path: this process's cwd need not be the repository.
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
@@ -348,21 +379,38 @@ def schedule(
 def stage(
     name: Annotated[str, typer.Argument(help="prepare | teacher | distill | prune | compress | evaluate")],
     target: Annotated[str, typer.Argument(help="A dataset name (prepare) or a model name (other stages).")],
+    sklearn_version: Annotated[
+        str | None, typer.Option("--sklearn-version", help="prepare of a bundled set: the scikit-learn release "
+                                 "dvc.yaml was written for (refused if this environment has another).")
+    ] = None,
     params: ParamsOpt = None,
     root: RootOpt = Path("."),
 ) -> None:
-    """Run one stage for one target, without Prefect or DVC bookkeeping (what dvc.yaml calls)."""
-    from shrinkfleet.config import STAGES, ConfigError
+    """Run one stage for one target, without Prefect or DVC bookkeeping (what dvc.yaml calls).
+
+    Refuses to run when dvc.yaml is behind params.yaml: what DVC would record as this stage's
+    inputs would not be what it read (`shrinkfleet sync` rewrites dvc.yaml).
+    """
+    from shrinkfleet import pipeline, versioning
+    from shrinkfleet.config import ConfigError
     from shrinkfleet.datasets import DatasetError
 
-    if name not in STAGES:
-        _fail(f"unknown stage {name!r}; one of: {', '.join(STAGES)}")
+    if name not in pipeline.STAGE_KINDS:
+        _fail(f"unknown stage {name!r}; one of: {', '.join(pipeline.STAGE_KINDS)}")
     root, params = _paths(root, params)
     fleet = _load(params)
     names = fleet.datasets if name == "prepare" else fleet.models
     if target not in names:
         kind = "dataset" if name == "prepare" else "model"
         _fail(f"{target!r} is not a {kind} of the fleet (one of: {', '.join(names)})")
+    if sklearn_version is not None and sklearn_version != pipeline.sklearn_version():
+        _fail(f"dvc.yaml was written for scikit-learn {sklearn_version}, this environment has "
+              f"{pipeline.sklearn_version()}: run `shrinkfleet sync` (then prepare-{target} re-runs)")
+    if versioning.is_dvc_repo(root) and params == root / "params.yaml":
+        behind = pipeline.changes(root, fleet)
+        if behind:
+            _fail(f"dvc.yaml is behind {params.name} ({pipeline.summary(behind)}): run `shrinkfleet sync`, "
+                  "then `dvc repro` again")
     import importlib
 
     from tasks.common import context
@@ -373,7 +421,33 @@ def stage(
         summary = module.run(context(root, params), target)
     except (ConfigError, DatasetError) as exc:
         _fail(str(exc))
-    console.print(f"{name}@{target}: done in {time.perf_counter() - start:.1f}s {summary}", highlight=False)
+    console.print(f"{pipeline.stage_name(name, target)}: done in {time.perf_counter() - start:.1f}s {summary}",
+                  highlight=False)
+
+
+def _sync_pipeline(root: Path, params: Path, fleet: Any) -> list[str]:
+    """Rewrite dvc.yaml from the fleet when it is behind, saying so; what changed."""
+    from shrinkfleet import pipeline
+
+    changed = pipeline.sync(root, fleet)
+    if changed:
+        err.print(f"[yellow]note:[/] dvc.yaml rewritten from {params.name}: {escape(pipeline.summary(changed))}",
+                  soft_wrap=True)
+    return changed
+
+
+@app.command()
+def sync(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
+    """Write dvc.yaml from params.yaml: one DVC stage per dataset in use and per model stage.
+
+    `shrinkfleet run` does this itself; run it before a bare `dvc repro` after editing the fleet.
+    """
+    root, params = _paths(root, params)
+    fleet = _load(params)
+    if params != root / "params.yaml":
+        _fail(f"DVC tracks {root / 'params.yaml'}; dvc.yaml is written from that file only")
+    if not _sync_pipeline(root, params, fleet):
+        console.print(f"{root / 'dvc.yaml'} is up to date with {params.name}")
 
 
 @app.command()
@@ -390,6 +464,11 @@ def validate(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
         _fail("\n  ".join([f"{params}:", *problems]))
     console.print(f"{params}: fleet [cyan]{fleet.fleet}[/] is valid: {len(fleet.models)} model(s) "
                   f"({', '.join(fleet.models)}) on {len(fleet.datasets_in_use())} dataset(s)")
+    from shrinkfleet import pipeline, versioning
+
+    if versioning.is_dvc_repo(root) and params == root / "params.yaml" and (behind := pipeline.changes(root, fleet)):
+        err.print(f"[yellow]note:[/] dvc.yaml is behind {params.name} ({escape(pipeline.summary(behind))}); "
+                  "the next `shrinkfleet run` (or `shrinkfleet sync`) rewrites it", soft_wrap=True)
 
 
 @app.command()
@@ -707,7 +786,7 @@ def push(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
     root, params = _paths(root, params)
     fleet = _load(params)
     if not versioning.is_dvc_repo(root):
-        _fail(f"{root}: not a DVC project (no .dvc/ or dvc.yaml); nothing to push")
+        _fail(f"{root}: not a DVC project (no .dvc/); nothing to push")
     loc = _remote_storage(fleet, root, create_bucket=True, required=True)
     try:
         n = remote.push(root)
@@ -724,7 +803,7 @@ def pull(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
     root, params = _paths(root, params)
     fleet = _load(params)
     if not versioning.is_dvc_repo(root):
-        _fail(f"{root}: not a DVC project (no .dvc/ or dvc.yaml); nothing to pull")
+        _fail(f"{root}: not a DVC project (no .dvc/); nothing to pull")
     loc = _remote_storage(fleet, root, create_bucket=False, required=True)
     try:
         stats = remote.pull(root)

@@ -2,13 +2,13 @@
 
 ``params.yaml`` has one section per stage holding the fleet-wide defaults, a ``datasets:``
 mapping and a ``models:`` mapping keyed by model name. Each model names its dataset, its
-teacher and student architectures and, per stage, the settings it overrides (``{}`` for
-none). Every model lists every stage section, even when empty, because DVC tracks each
-``models.<name>.<stage>`` key separately: editing one model's ``prune`` settings re-runs
-only that model's prune and later stages, never its teacher.
+teacher and student architectures and, per stage, the settings it overrides (a section it
+leaves out takes the fleet's). DVC tracks each ``models.<name>.<stage>`` key on its own (see
+:mod:`shrinkfleet.pipeline`): editing one model's ``prune`` settings re-runs only that
+model's prune and later stages, never its teacher.
 
-``models`` is a mapping, not a list, so that DVC names stages by model
-(``teacher@digits-cnn``) instead of by position (``teacher@0``).
+``models`` is a mapping, not a list: a model is named by its key everywhere (DVC stages
+``teacher-digits-cnn``, MLflow runs, registered models), so reordering the fleet changes nothing.
 
 Errors name the key path (``models.digits-cnn.prune.target_sparsity``), say what is
 allowed and are raised before any work starts.
@@ -24,8 +24,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-STAGES = ("prepare", "teacher", "distill", "prune", "compress", "evaluate")
-MODEL_STAGES = STAGES[1:]
 QUANT_MODES = ("float32", "float16", "dynamic", "int8")
 SKLEARN_SETS = ("digits", "breast_cancer", "wine", "iris")
 
@@ -456,9 +454,9 @@ class ModelSpec(_Strict):
     dataset: str = Field(description="Name of an entry in datasets:.")
     teacher: ArchSpec = Field(description="Teacher architecture (+ optional training overrides).")
     student: ArchSpec = Field(description="Student architecture (+ optional distill-training overrides).")
-    distill: dict[str, Any] = Field(description="Overrides of the distill: section ({} for none).")
-    prune: dict[str, Any] = Field(description="Overrides of the prune: section ({} for none).")
-    quantize: dict[str, Any] = Field(description="Overrides of the quantize: section ({} for none).")
+    distill: dict[str, Any] = Field(default_factory=dict, description="Overrides of the distill: section.")
+    prune: dict[str, Any] = Field(default_factory=dict, description="Overrides of the prune: section.")
+    quantize: dict[str, Any] = Field(default_factory=dict, description="Overrides of the quantize: section.")
     cluster: dict[str, Any] = Field(default_factory=dict, description="Overrides of the cluster: section.")
     qat: dict[str, Any] = Field(default_factory=dict, description="Overrides of the qat: section.")
     recipes: list[str] | None = Field(None, description="Names of the fleet's recipes to run (None = all).")
@@ -549,8 +547,8 @@ class FleetConfig(_Strict):
     def _mapping(cls, v: Any) -> Any:
         if isinstance(v, list):
             raise ValueError(
-                "must be a mapping keyed by model name (models: {digits-cnn: {...}}), not a list; "
-                "DVC names foreach stages by key, so a list would give stages teacher@0, teacher@1"
+                "must be a mapping keyed by model name (models: {digits-cnn: {...}}), not a list: "
+                "the name is what DVC stages, MLflow runs and the registry know a model by"
             )
         if isinstance(v, dict) and not v:
             raise ValueError("the fleet is empty: list at least one model")
@@ -656,8 +654,6 @@ def _format_errors(exc: ValidationError, prefix: str = "", source: str = "") -> 
             msg = "unknown key (check the spelling; allowed keys are documented in params.yaml)"
         elif err["type"] == "missing":
             msg = "required key is missing"
-            if loc and loc[-1] in ("distill", "prune", "quantize"):
-                msg += f" (write `{loc[-1]}: {{}}` to take the fleet defaults)"
         elif err["type"] == "literal_error":
             msg = msg.replace("must be", "must be one of:")
         elif err["type"] == "union_tag_invalid":

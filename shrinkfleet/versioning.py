@@ -1,7 +1,7 @@
 """DVC bookkeeping for stages that Prefect runs: skip what is up to date, record what ran.
 
 Prefect *executes* stages; DVC *records* them. Before a stage runs, DVC's status for
-``<stage>@<target>`` says whether its deps, params and outs still match ``dvc.lock``;
+``<stage>-<target>`` (see :mod:`shrinkfleet.pipeline`) says whether its deps, params and outs still match ``dvc.lock``;
 after it ran, ``dvc commit`` records it, so ``dvc status`` is clean after a run and
 ``dvc repro`` agrees with what Prefect did. Worker processes serialise their DVC calls
 through a file lock, because each call rewrites ``dvc.lock``.
@@ -23,7 +23,8 @@ logging.getLogger("dvc").setLevel(logging.WARNING)
 
 
 def is_dvc_repo(root: Path) -> bool:
-    return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
+    """Whether ``root`` is a DVC project (``dvc init`` was run); shrinkfleet writes its dvc.yaml itself."""
+    return (root / ".dvc").is_dir()
 
 
 @contextlib.contextmanager
@@ -42,7 +43,7 @@ def _locked(root: Path) -> Iterator[None]:
 def _repo(root: Path) -> Iterator[Any]:
     from dvc.repo import Repo
 
-    # DVC resolves stage targets (``teacher@m``) against the working directory, not the repo
+    # DVC resolves stage targets (``teacher-m``) against the working directory, not the repo
     # root: a Dask worker started elsewhere (or `--root` from another folder) would find
     # another dvc.yaml, or none. Run every DVC call from the project folder.
     with _locked(root), contextlib.chdir(root):
@@ -55,58 +56,78 @@ def _repo(root: Path) -> Iterator[Any]:
             repo.close()
 
 
-def missing_params(root: Path, raw: dict[str, Any]) -> list[str]:
-    """Parameter keys dvc.yaml's stages read that params.yaml lacks (DVC refuses to run them).
-
-    The schema fills absent sections with defaults, but DVC tracks the keys themselves, so a
-    section a stage lists must be written out (``search: {}`` takes the defaults).
-    """
-    import re
-
-    import yaml
-
-    dvc_yaml = root / "dvc.yaml"
-    if not dvc_yaml.is_file():
-        return []
-    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
-    missing: dict[str, None] = {}
-    for stage in stages.values():
-        body = stage.get("do", stage)
-        source = re.fullmatch(r"\$\{(\w+)\}", str(stage.get("foreach", "")))
-        keys = list((raw.get(source.group(1)) or {}).keys()) if source else [None]
-        for key in keys:
-            for param in body.get("params", []):
-                if not isinstance(param, str):
-                    continue
-                path = param.replace("${key}", str(key)) if key is not None else param
-                node: Any = raw
-                for part in path.split("."):
-                    if not isinstance(node, dict) or part not in node:
-                        missing[path] = None
-                        break
-                    node = node[part]
-    return list(missing)
-
-
 def stage_status(root: Path, stage: str) -> dict[str, Any]:
     """DVC's status of one stage: ``{}`` when it is up to date, else what changed."""
     with _repo(root) as repo:
         return repo.status(targets=[stage])
 
 
-def up_to_date(root: Path, stages: list[str]) -> set[str]:
-    """Which of ``stages`` DVC reports up to date, asked in one pass (one repo, one lock).
+def pipeline_status(root: Path) -> dict[str, list[Any]]:
+    """DVC's status of every stage, asked in one pass (one repo, one lock): ``{stage: what changed}``.
 
-    It asks for the status of the whole pipeline and picks ``stages`` from it: DVC parses
-    dvc.yaml and dvc.lock once for that, but again for every target it is given (2.5 s
-    against 0.5 s for a two-model fleet).
+    A stage missing from the answer is up to date. DVC parses dvc.yaml and dvc.lock once for
+    the whole pipeline, but again for every target it is given (2.5 s against 0.5 s for a
+    two-model fleet), so callers pick their stages from this.
     """
     with _repo(root) as repo:
-        changed = repo.status()
-    return {s for s in stages if s not in changed}
+        return repo.status()
+
+
+def describe_change(root: Path, stage: str, status: list[Any]) -> str:
+    """Why DVC would run ``stage``, in a few words: ``data/raw/nightly.npz changed``,
+    ``params models.x.prune changed``, ``code tasks/prune.py changed``, ``first run``.
+
+    ``status`` is the stage's entry in :func:`pipeline_status`. Code is a ``.py`` dependency;
+    a parameter names its key; an output that was deleted or edited by hand is named too.
+    """
+    if not lock_entry(root, stage):
+        return "first run"
+    code, params, data, outs, other = [], [], [], [], []
+    for entry in status:
+        if entry == "changed command":
+            other.append(_command_change(root, stage))
+            continue
+        if not isinstance(entry, dict):
+            other.append(str(entry))
+            continue
+        for path, change in (entry.get("changed deps") or {}).items():
+            if isinstance(change, dict):  # a params file: {key: new | modified | deleted}
+                params += list(change)
+            elif path.endswith(".py"):
+                code.append(path)
+            else:
+                data.append(path)
+        for path, change in (entry.get("changed outs") or {}).items():
+            outs.append(f"{path} {'missing' if change in ('deleted', 'not in cache') else change}")
+    parts = [f"{', '.join(data)} changed"] if data else []
+    parts += [f"params {', '.join(params)} changed"] if params else []
+    parts += [f"code {', '.join(code)} changed"] if code else []
+    return "; ".join(parts + outs + other) or "changed"
+
+
+def _command_change(root: Path, stage: str) -> str:
+    """What differs between the recorded command and dvc.yaml's (a scikit-learn upgrade, most often)."""
+    import shlex
+
+    import yaml
+
+    old = str(lock_entry(root, stage).get("cmd", ""))
+    try:
+        new = str((yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]).get("cmd", ""))
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "command changed"
+
+    def version(cmd: str) -> str | None:
+        words = shlex.split(cmd)
+        return words[words.index("--sklearn-version") + 1] if "--sklearn-version" in words[:-1] else None
+
+    if version(old) != version(new) and version(new):
+        return f"scikit-learn {version(old) or '?'} -> {version(new)}"
+    return "command changed"
 
 
 def is_up_to_date(root: Path, stage: str) -> bool:
+    """Whether DVC reports one stage up to date (its deps, params and outs match dvc.lock)."""
     return not stage_status(root, stage)
 
 

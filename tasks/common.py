@@ -14,6 +14,7 @@ from typing import Any
 
 from shrinkfleet import faults, versioning
 from shrinkfleet.config import ConfigError, FleetConfig, load_params
+from shrinkfleet.pipeline import stage_name
 from shrinkfleet.workspace import Workspace
 
 log = logging.getLogger("shrinkfleet")
@@ -73,7 +74,7 @@ def execute(
         ``{"stage", "target", "status": "ran" | "skipped", "seconds", "worker", **fn's summary}``.
     """
     ctx = context(root, params_file)
-    dvc_stage = f"{stage}@{target}"
+    dvc_stage = stage_name(stage, target)
     start = time.perf_counter()
     if use_dvc and not force and versioning.is_up_to_date(ctx.ws.root, dvc_stage):
         log.info("%s is up to date (DVC): skipped", dvc_stage)

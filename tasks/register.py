@@ -15,10 +15,11 @@ from mlflow.entities import Metric, RunTag
 
 from shrinkfleet import gate, registry, report, tracking, versioning
 from shrinkfleet.config import ResolvedModel
+from shrinkfleet.pipeline import MODEL_STAGE_KINDS, stage_name
 from shrinkfleet.storage import file_md5
 from shrinkfleet.workspace import Workspace
 
-MODEL_STAGES = ("teacher", "distill", "prune", "compress", "evaluate")
+MODEL_STAGES = MODEL_STAGE_KINDS
 
 
 def dvc_outs(ws: Workspace, cfg: ResolvedModel, use_dvc: bool) -> dict[str, str]:
@@ -27,8 +28,8 @@ def dvc_outs(ws: Workspace, cfg: ResolvedModel, use_dvc: bool) -> dict[str, str]
         return {}
     hashes: dict[str, str] = {}
     for stage in MODEL_STAGES:
-        hashes.update(versioning.out_hashes(ws.root, f"{stage}@{cfg.name}"))
-    hashes.update(versioning.out_hashes(ws.root, f"prepare@{cfg.dataset_name}"))
+        hashes.update(versioning.out_hashes(ws.root, stage_name(stage, cfg.name)))
+    hashes.update(versioning.out_hashes(ws.root, stage_name("prepare", cfg.dataset_name)))
     return hashes
 
 

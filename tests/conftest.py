@@ -95,13 +95,17 @@ def tiny_params() -> dict:
 
 
 def make_project(path: Path, params: dict, dvc: bool = True) -> Path:
-    """A project folder as a user has it: code the DVC stages depend on, dvc.yaml, params.yaml, git + DVC."""
+    """A project folder as a user has it: code the DVC stages depend on, params.yaml, git + DVC, and the
+    dvc.yaml `shrinkfleet sync` writes for it."""
     path.mkdir(parents=True, exist_ok=True)
     for folder in ("shrinkfleet", "tasks", "flows"):
         shutil.copytree(REPO / folder, path / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", path / "dvc.yaml")
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if dvc:
+        from shrinkfleet import pipeline
+        from shrinkfleet.config import parse_params
+
+        pipeline.sync(path, parse_params(params))  # what `shrinkfleet sync` writes
         subprocess.run(["git", "init", "-q"], cwd=path, check=True)
         subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=path, check=True)
         subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=path, check=True)

@@ -121,7 +121,7 @@ def test_dvc_repro_alone_reproduces_a_model_and_the_flow_agrees(tmp_path, tiny_p
     del tiny_params["models"]["digits-mlp"]
     project = make_project(tmp_path / "p", tiny_params)
     env = {"PATH": f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}"}
-    repro = subprocess.run([sys.executable, "-m", "dvc", "repro", "evaluate@cancer-mlp"], cwd=project,
+    repro = subprocess.run([sys.executable, "-m", "dvc", "repro", "evaluate-cancer-mlp"], cwd=project,
                            capture_output=True, text=True, env={**__import__("os").environ, **env})
     assert repro.returncode == 0, repro.stdout + repro.stderr
     doc = json.loads((project / "metrics" / "cancer-mlp.json").read_text())

@@ -139,7 +139,7 @@ def test_05_lineage_links_resolve(nightly):
     metrics = json.loads((nightly.root / "metrics" / f"{MODEL}.json").read_text())
     assert info["dataset"]["digest"] == metrics["dataset_digest"]
     lock = yaml.safe_load((nightly.root / "dvc.lock").read_text())
-    (out,) = lock["stages"]["prepare@digits"]["outs"]
+    (out,) = lock["stages"]["prepare-digits"]["outs"]
     assert info["dataset"]["dvc_md5"] == out["md5"]
     assert info["params_changed_from_defaults"]["prune.target_sparsity"] == "0.7"
     text = nightly.run("lineage", f"{MODEL}:1")

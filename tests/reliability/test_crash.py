@@ -54,8 +54,8 @@ def test_sigkill_mid_stage_then_the_next_run_resumes(tmp_path):
             assert z.testzip() is None
     # DVC sees the finished stages as up to date and only the killed one (and what follows) as not
     status = dvc_status(project)
-    assert f"compress@{MODEL}" in status
-    assert set(status) <= {f"compress@{MODEL}", f"evaluate@{MODEL}"}
+    assert f"compress-{MODEL}" in status
+    assert set(status) <= {f"compress-{MODEL}", f"evaluate-{MODEL}"}
 
     rerun = shrinkfleet_cmd("run", cwd=project)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

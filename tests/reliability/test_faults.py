@@ -137,4 +137,4 @@ def test_a_member_failing_for_good_does_not_stop_the_fleet(reference):
     # DVC agrees: only the failed member's compress and evaluate are out of date
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True,
                             text=True, check=True).stdout
-    assert set(yaml.safe_load(status or "{}")) == {"compress@cancer-mlp", "evaluate@cancer-mlp"}
+    assert set(yaml.safe_load(status or "{}")) == {"compress-cancer-mlp", "evaluate-cancer-mlp"}

@@ -86,7 +86,7 @@ _DELETE = object()
         ("datasets.digits.source", "hub", "datasets.digits.source: 'hub' is not one of"),
         ("datasets.digits.name", "mnist", "datasets.digits.name: must be one of: 'digits'"),
         ("models.digits-mlp.dataset", "nope", "models.digits-mlp.dataset: 'nope' is not in datasets:"),
-        ("models.digits-mlp.prune", _DELETE, "models.digits-mlp.prune: required key is missing (write `prune: {}`"),
+        ("models.digits-mlp.teacher", _DELETE, "models.digits-mlp.teacher: required key is missing"),
         ("models.digits-mlp.prune", {"initial_sparsity": 0.6},
          "models.digits-mlp.prune.initial_sparsity: must be <= target_sparsity"),
         ("models", {}, "models: the fleet is empty"),

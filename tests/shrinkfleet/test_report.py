@@ -191,7 +191,10 @@ def test_dvc_plots_show_renders_the_report(store, tmp_path, tiny_params):
     (project / "params.yaml").write_text(yaml.safe_dump(tiny_params))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, check=True)
-    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    from shrinkfleet import pipeline
+    from shrinkfleet.config import parse_params
+
+    pipeline.sync(project, parse_params(tiny_params))
     report.write_report(Workspace(project), report.docs_from_mlflow(store), {}, {},
                         trends=report.trends_from_mlflow(store))
     out = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots-html"], cwd=project,

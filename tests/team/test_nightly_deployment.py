@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -96,6 +97,42 @@ def _variants_of(project: Path, fleet_run_id: str, model: str) -> set[str]:
     return {r.data.tags["shrinkfleet.variant"] for r in variants}
 
 
+def _model_metrics(project: Path, fleet_run_id: str) -> dict[str, set[str]]:
+    """``{model: metric names}`` of the model runs under a fleet run, and each one's variants' metrics checked."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    exp = client.get_experiment_by_name("shrinkfleet/tiny")
+    out = {}
+    for model_run in client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`shrinkfleet.kind` = 'model' and tags.`mlflow.parentRunId` = '{fleet_run_id}'"):
+        variants = client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{model_run.info.run_id}'")
+        out[model_run.data.tags["shrinkfleet.model"]] = set.intersection(*(set(v.data.metrics) for v in variants))
+    return out
+
+
+def _wait_completed(client, flow_run_id, log: Path, timeout: float = 300) -> None:
+    """Wait for a flow run to end; fail with the log tail unless it COMPLETED (and never leave it running)."""
+    try:
+        wait_until(lambda: client.read_flow_run(flow_run_id).state.is_final(), timeout, "the fleet run")
+    finally:
+        state = client.read_flow_run(flow_run_id).state
+        if not state.is_final():  # the flow-run process must not outlive the test
+            from prefect.states import Cancelling
+
+            client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+            time.sleep(5)
+    state = client.read_flow_run(flow_run_id).state
+    assert state.is_completed(), f"{state.name}: {state.message}\n{_tail(log)}"
+
+
+def _make_due(client, flow_run) -> None:
+    """The schedule's time comes: a scheduled run becomes due now, as the scheduler does at its time."""
+    from prefect.states import Scheduled
+
+    client.set_flow_run_state(flow_run.id, Scheduled(scheduled_time=dt.datetime.now(dt.UTC)), force=True)
+
+
 def _stage_workers(project: Path, fleet_run_id: str) -> dict[str, str]:
     """``{stage: worker}`` of the one model run under a fleet run (tags ``shrinkfleet.worker.<stage>``)."""
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
@@ -150,27 +187,29 @@ def test_nightly_deployment_is_scheduled_run_by_a_worker_and_tagged_schedule(tmp
             # The schedule's time comes: the earliest run is due now, with the deployment's parameters.
             due = runs[0]
             assert due.parameters == deployment.parameters
-            from prefect.states import Scheduled
-
-            client.set_flow_run_state(due.id, Scheduled(scheduled_time=dt.datetime.now(dt.UTC)), force=True)
+            _make_due(client, due)
 
             worker_log = tmp_path / "prefect-worker.log"
             with serve([PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1"],
                        worker_log, lambda: bool(client.read_workers_for_work_pool(POOL)), "prefect worker",
                        env=env, timeout=90, unset=("MLFLOW_TRACKING_URI",)):
-                try:
-                    wait_until(lambda: client.read_flow_run(due.id).state.is_final(), 300, "the scheduled fleet run")
-                finally:
-                    state = client.read_flow_run(due.id).state
-                    if not state.is_final():  # the worker's flow-run process must not outlive the test
-                        from prefect.states import Cancelling
+                _wait_completed(client, due.id, worker_log)
+                # The same deployment run by hand, as `prefect deployment run` does it.
+                started = subprocess.run([PREFECT, "deployment", "run", DEPLOYMENT], env=env, capture_output=True,
+                                         text=True, timeout=60)
+                assert started.returncode == 0, started.stdout + started.stderr
+                (by_hand_id,) = re.findall(r"UUID: ([0-9a-f-]{36})", started.stdout)
+                _wait_completed(client, by_hand_id, worker_log)
 
-                        client.set_flow_run_state(due.id, Cancelling(), force=True)
-                        time.sleep(5)
-            state = client.read_flow_run(due.id).state
-            assert state.is_completed(), f"{state.name}: {state.message}\n{_tail(worker_log)}"
+            # `shrinkfleet schedule` will not replace the deployment prefect.yaml made.
+            clash = shrinkfleet_cmd("schedule", "--cron", "0 3 * * *", "--name", "shrinkfleet-nightly",
+                                    cwd=project, env={"PREFECT_API_URL": api}, timeout=120)
+            assert clash.returncode == 2, clash.stdout + clash.stderr
+            assert ("deployment shrinkfleet-fleet/shrinkfleet-nightly exists and was not created by `shrinkfleet "
+                    "schedule` (entrypoint flows/fleet.py:fleet_flow, work pool shrinkfleet") in clash.stderr
+            assert client.read_deployment_by_name(DEPLOYMENT).schedules[0].schedule.cron == "0 2 * * *"
 
-        (scheduled,) = _fleet_runs(project)
+        scheduled, by_hand = _fleet_runs(project)
         tags = scheduled.data.tags
         assert tags["trigger"] == "schedule"
         assert tags["prefect_flow_run_id"] == str(due.id)
@@ -179,37 +218,44 @@ def test_nightly_deployment_is_scheduled_run_by_a_worker_and_tagged_schedule(tmp
         assert len(set(_stage_workers(project, scheduled.info.run_id).values())) == 1  # one worker process
         assert _variants_of(project, scheduled.info.run_id, "digits-mlp") == {
             "teacher", "student", "pruned", "pruned-float32", "pruned-int8"}
+        assert {"accuracy", "size_bytes", "coded_bytes"} <= _model_metrics(project, scheduled.info.run_id)["digits-mlp"]
+        assert by_hand.data.tags["trigger"] == "deployment"
+        assert by_hand.data.tags["prefect_flow_run_id"] == by_hand_id
+        assert {"accuracy", "size_bytes"} <= _model_metrics(project, by_hand.info.run_id)["digits-mlp"]
 
         # The same fleet started by hand against the same server says manual.
         manual = shrinkfleet_cmd("run", "--models", "digits-mlp", cwd=project, env={"PREFECT_API_URL": api},
                                  timeout=300)
         assert manual.returncode == 0, manual.stdout + manual.stderr
         runs = _fleet_runs(project)
-        assert len(runs) == 2
-        assert runs[1].data.tags["trigger"] == "manual"
-        assert runs[1].data.tags["prefect_deployment_id"] == ""
+        assert len(runs) == 3
+        assert runs[2].data.tags["trigger"] == "manual"
+        assert runs[2].data.tags["prefect_deployment_id"] == ""
 
 
-def test_shrinkfleet_schedule_serves_the_fleet_on_the_cron_in_its_time_zone(tmp_path):
+def test_shrinkfleet_schedule_serves_the_fleet_on_the_cron_and_its_runs_complete(tmp_path):
     from prefect.exceptions import ObjectNotFound
 
     project = make_project(tmp_path / "project", quick_params(("digits-mlp",)), dvc=False)
     exe = str(Path(sys.executable).with_name("shrinkfleet"))
+    served = "shrinkfleet-fleet/shrinkfleet-schedule"  # the default name: not prefect.yaml's
     with prefect_server_for_schedules(tmp_path) as api, prefect_client(api) as client:
 
         def deployed() -> bool:
             try:
-                return bool(client.read_deployment_by_name("shrinkfleet-fleet/berlin").schedules)
+                return bool(client.read_deployment_by_name(served).schedules)
             except ObjectNotFound:
                 return False
 
         env = {**_server_env(tmp_path / "client-home"), "PREFECT_API_URL": api}
+        log = tmp_path / "schedule.log"
         with serve([exe, "schedule", "--cron", "30 1 * * *", "--timezone", "Europe/Berlin", "--models", "digits-mlp",
-                    "--name", "berlin", "--root", str(project)], tmp_path / "schedule.log", deployed,
-                   "shrinkfleet schedule", env=env, cwd=tmp_path, timeout=120):
-            deployment = client.read_deployment_by_name("shrinkfleet-fleet/berlin")
+                    "--root", str(project)], log, deployed, "shrinkfleet schedule", env=env, cwd=tmp_path,
+                   timeout=120, unset=("MLFLOW_TRACKING_URI",)):
+            deployment = client.read_deployment_by_name(served)
             assert deployment.parameters == {"params_file": str(project / "params.yaml"), "root": str(project),
                                              "models": ["digits-mlp"]}
+            assert "served-by-shrinkfleet" in deployment.tags
             wait_until(lambda: len(_scheduled_runs(client, deployment.id)) >= 3, 60, "scheduled runs")
             runs = _scheduled_runs(client, deployment.id)
             local = [r.expected_start_time.astimezone(ZoneInfo("Europe/Berlin")) for r in runs]
@@ -217,3 +263,15 @@ def test_shrinkfleet_schedule_serves_the_fleet_on_the_cron_in_its_time_zone(tmp_
             assert all((t.hour, t.minute) == (1, 30) for t in local), local
             assert [t.date() for t in local] == [local[0].date() + dt.timedelta(days=i) for i in range(len(local))]
             assert all(r.auto_scheduled and r.parameters == deployment.parameters for r in runs)
+
+            # Its time comes: this process runs it (the flow shipped to a subprocess) to completion.
+            _make_due(client, runs[0])
+            _wait_completed(client, runs[0].id, log)
+
+    (fleet_run,) = _fleet_runs(project)
+    assert fleet_run.data.tags["trigger"] == "schedule"
+    assert fleet_run.data.tags["prefect_flow_run_id"] == str(runs[0].id)
+    assert fleet_run.data.tags["prefect_deployment_id"] == str(deployment.id)
+    assert _variants_of(project, fleet_run.info.run_id, "digits-mlp") == {
+        "teacher", "student", "pruned", "pruned-float32", "pruned-int8"}
+    assert {"accuracy", "size_bytes", "coded_bytes"} <= _model_metrics(project, fleet_run.info.run_id)["digits-mlp"]

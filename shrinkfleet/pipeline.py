@@ -1,0 +1,196 @@
+"""The stage graph of a fleet, and ``dvc.yaml`` written from it.
+
+One entry per stage kind says which code it runs and which parameter sections it reads;
+:func:`stages` turns a fleet into one DVC stage per dataset (``prepare-<dataset>``) and per
+model and stage kind (``teacher-<model>`` ... ``evaluate-<model>``), each with its own
+dependencies: the stage's code, the files it reads (a dataset's raw file or folder, the
+outputs of the stages before it) and the ``params.yaml`` keys it reads.
+
+Why ``dvc.yaml`` is written rather than templated with ``foreach``: DVC's templates give
+every stage of a ``foreach`` group the same list of dependencies, and a fleet's stages do not
+have the same inputs (a bundled scikit-learn set reads no file, an ``.npz`` one file, an MNIST
+folder a folder; a model lists only the override sections it has). DVC refuses a template
+key that an item lacks, so a raw data file could not be a dependency at all, and replacing it
+in place re-ran nothing. Written out, every input is a plain DVC dependency: ``dvc status``
+names the file that changed, and ``dvc repro`` and ``shrinkfleet run`` agree.
+
+``shrinkfleet sync`` writes it; every ``shrinkfleet run`` (and every deployment run) rewrites
+it first when the fleet changed; ``shrinkfleet stage`` (what ``dvc repro`` calls) refuses to
+run from an out-of-date one. Only the datasets that some model uses get a stage, so a dataset
+kept in ``params.yaml`` for later does not leave ``dvc status`` dirty.
+
+A bundled scikit-learn set is versioned by the scikit-learn release that ships it: its
+prepare command carries ``--sklearn-version``, so an upgrade reads as a changed command and
+re-runs that prepare stage (and nothing after it, if the data came out the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shrinkfleet.config import FleetConfig
+
+PIPELINE_FILE = "dvc.yaml"
+HEADER = """\
+# Written by `shrinkfleet sync` from params.yaml; do not edit (every `shrinkfleet run` rewrites
+# it when the fleet changes). One stage per dataset in use and per model stage; each lists its
+# code, the files it reads (raw data included) and only the params.yaml keys it reads, so a
+# change re-runs exactly the stages that read it. See shrinkfleet/pipeline.py.
+"""
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """What every stage of one kind shares: its code and the fleet-wide sections it reads."""
+
+    name: str
+    code: tuple[str, ...]
+    sections: tuple[str, ...]  # top-level params.yaml sections the stage reads
+    model_keys: tuple[str, ...] = ()  # keys of models.<name> the stage reads
+
+
+_TRAIN = ("shrinkfleet/tfenv.py", "shrinkfleet/zoo.py", "shrinkfleet/training.py")
+KINDS: dict[str, StageKind] = {k.name: k for k in (
+    StageKind("prepare", ("shrinkfleet/datasets.py", "tasks/prepare.py"), ("seed", "data")),
+    StageKind("teacher", (*_TRAIN, "tasks/teacher.py"), ("seed", "teacher"), ("dataset", "teacher")),
+    StageKind("distill", (*_TRAIN, "tasks/distill.py"), ("seed", "distill"), ("student", "distill")),
+    StageKind("prune", (*_TRAIN, "shrinkfleet/techniques.py", "tasks/prune.py"), ("seed", "prune"), ("prune",)),
+    StageKind("compress",
+              (*_TRAIN, "shrinkfleet/techniques.py", "shrinkfleet/evaluation.py", "shrinkfleet/coding.py",
+               "tasks/prune.py", "tasks/compress.py"),
+              ("seed", "prune", "cluster", "qat", "quantize", "recipes", "search"),
+              ("prune", "cluster", "qat", "quantize", "recipes", "search")),
+    StageKind("evaluate", ("shrinkfleet/evaluation.py", "shrinkfleet/coding.py", "tasks/evaluate.py"),
+              ("evaluate",), ("distill", "prune")),
+)}
+STAGE_KINDS = tuple(KINDS)
+MODEL_STAGE_KINDS = STAGE_KINDS[1:]
+
+
+def stage_name(kind: str, target: str) -> str:
+    """The DVC stage of one kind for one dataset or model: ``prepare-digits``, ``teacher-digits-cnn``."""
+    return f"{kind}-{target}"
+
+
+def split_stage_name(name: str) -> tuple[str, str]:
+    """``(kind, target)`` of a stage named by :func:`stage_name`."""
+    kind, _, target = name.partition("-")
+    return kind, target
+
+
+def _present(fleet: FleetConfig, section: str) -> bool:
+    # DVC refuses a params key that params.yaml lacks; sections left to the schema's defaults are not listed.
+    return section in fleet.model_fields_set
+
+
+def raw_inputs(fleet: FleetConfig, dataset: str) -> list[str]:
+    """The files or folders a dataset reads, as written in params.yaml (relative to the project root)."""
+    path = getattr(fleet.datasets[dataset], "path", None)
+    if path is None:
+        return []
+    return [str(Path(path).expanduser()) if path.startswith("~") else path]
+
+
+def sklearn_version() -> str:
+    from importlib.metadata import version
+
+    return version("scikit-learn")
+
+
+def stages(fleet: FleetConfig) -> dict[str, dict[str, Any]]:
+    """Every DVC stage of the fleet, in run order: the datasets in use, then each model's chain."""
+    out: dict[str, dict[str, Any]] = {}
+    for ds in fleet.datasets_in_use():
+        kind = KINDS["prepare"]
+        cmd = f"shrinkfleet stage prepare {ds}"
+        if fleet.datasets[ds].source == "sklearn":
+            cmd += f" --sklearn-version {sklearn_version()}"
+        out[stage_name("prepare", ds)] = {
+            "cmd": cmd,
+            "deps": [*kind.code, *raw_inputs(fleet, ds)],
+            "params": [s for s in kind.sections if _present(fleet, s)] + [f"datasets.{ds}"],
+            "outs": [f"data/prepared/{ds}"],
+        }
+    for m, spec in fleet.models.items():
+        prepared = f"data/prepared/{spec.dataset}"
+        model_dir = f"models/{m}"
+        inputs = {
+            "teacher": [prepared],
+            "distill": [prepared, f"{model_dir}/teacher.keras"],
+            "prune": [prepared, f"{model_dir}/student.keras"],
+            "compress": [prepared, *(f"{model_dir}/{v}.keras" for v in ("teacher", "student", "pruned"))],
+            "evaluate": [prepared, *(f"{model_dir}/{v}.keras" for v in ("teacher", "student", "pruned")),
+                         f"{model_dir}/variants"],
+        }
+        outs: dict[str, list[Any]] = {
+            "teacher": [f"{model_dir}/teacher.keras"],
+            "distill": [f"{model_dir}/student.keras"],
+            "prune": [f"{model_dir}/pruned.keras"],
+            "compress": [f"{model_dir}/variants"],
+        }
+        for name in MODEL_STAGE_KINDS:
+            kind = KINDS[name]
+            params = [s for s in kind.sections if _present(fleet, s)]
+            params += [f"models.{m}.{k}" for k in kind.model_keys if k in spec.model_fields_set]
+            stage: dict[str, Any] = {"cmd": f"shrinkfleet stage {name} {m}", "deps": [*kind.code, *inputs[name]],
+                                     "params": params}
+            if name == "evaluate":
+                stage["metrics"] = [{f"metrics/{m}.json": {"cache": False}}]
+            else:
+                stage["outs"] = outs[name]
+            out[stage_name(name, m)] = stage
+    return out
+
+
+PLOTS = [
+    {"accuracy-vs-coded-bytes": {"title": "Every variant, accuracy vs coded bytes", "template": "scatter",
+                                 "x": "coded_bytes", "y": {"reports/variants.csv": "accuracy"}}},
+    {"production-accuracy-over-runs": {"title": "Production accuracy after each run", "template": "scatter",
+                                       "x": "time", "y": {"reports/trends.csv": "accuracy"}}},
+    "reports/plots/",
+]
+
+
+def render(fleet: FleetConfig) -> str:
+    """The text of ``dvc.yaml`` for ``fleet``."""
+    body = {"stages": stages(fleet), "plots": PLOTS}
+    return HEADER + yaml.safe_dump(body, sort_keys=False, default_flow_style=False, width=120)
+
+
+def changes(root: Path, fleet: FleetConfig) -> list[str]:
+    """How the project's ``dvc.yaml`` differs from the fleet's: one line per stage added, removed or changed.
+
+    Empty when it is current. A missing or unreadable file counts as every stage added.
+    """
+    path = root / PIPELINE_FILE
+    wanted = stages(fleet)
+    try:
+        current = (yaml.safe_load(path.read_text()) or {}).get("stages", {}) or {}
+    except (OSError, yaml.YAMLError):
+        current = {}
+    lines = [f"added {s}" for s in wanted if s not in current]
+    lines += [f"removed {s}" for s in current if s not in wanted]
+    lines += [f"changed {s}" for s in wanted if s in current and current[s] != wanted[s]]
+    if not lines and path.is_file() and path.read_text() != render(fleet):
+        lines.append("rewritten (same stages)")
+    return lines
+
+
+def sync(root: Path, fleet: FleetConfig) -> list[str]:
+    """Write ``dvc.yaml`` for ``fleet`` if it is not current (atomically); what changed, as :func:`changes`."""
+    from shrinkfleet.storage import atomic_write_text
+
+    diff = changes(root, fleet)
+    if diff:
+        atomic_write_text(root / PIPELINE_FILE, render(fleet))
+    return diff
+
+
+def summary(diff: list[str], most: int = 4) -> str:
+    """:func:`changes` in one line: the first few, then how many more."""
+    shown = ", ".join(diff[:most])
+    return shown + (f" and {len(diff) - most} more" if len(diff) > most else "")
