@@ -23,8 +23,13 @@ STAGES = ("teacher", "distill", "prune", "compress", "evaluate")
 
 
 def _artifacts(project: Path) -> dict[str, str]:
-    """``{path: sha256}`` of everything the stages wrote (metrics hold latencies: not compared)."""
-    files = [p for folder in ("data/prepared", "models") for p in (project / folder).rglob("*") if p.is_file()]
+    """``{path: sha256}`` of everything the stages wrote (metrics hold latencies: not compared).
+
+    DVC's own ``.gitignore`` files are left out: DVC appends an entry as each stage is
+    recorded, so their order follows which stage finished first.
+    """
+    files = [p for folder in ("data/prepared", "models") for p in (project / folder).rglob("*")
+             if p.is_file() and p.name != ".gitignore"]
     return {str(p.relative_to(project)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
