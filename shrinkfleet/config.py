@@ -98,8 +98,46 @@ class NpzDataset(_DatasetBase):
     )
 
 
+class _TableDataset(_DatasetBase):
+    """A table with one row per sample: a label column and feature columns (numbers or strings)."""
+
+    path: str = Field(description="Path of the table file.")
+    label: str = Field(description="The label column: class names or ids.")
+    columns: list[str] | None = Field(
+        None, min_length=1, description="Feature columns; None = every column but the label."
+    )
+    impute: Literal["median"] | None = Field(
+        None, description="Missing values: None stops the run naming the column; median fills numbers with the "
+        "train split's median (a missing string gets no category: all zeros).",
+    )
+
+
+class CsvDataset(_TableDataset):
+    """A CSV table read with pandas."""
+
+    source: Literal["csv"] = "csv"
+
+
+class ParquetDataset(_TableDataset):
+    """A Parquet table read with pandas (pyarrow)."""
+
+    source: Literal["parquet"] = "parquet"
+
+
+class ImagesDataset(_DatasetBase):
+    """A folder of image files, one sub-folder per class (PNG or JPEG), decoded and resized with Pillow."""
+
+    source: Literal["images"] = "images"
+    path: str = Field(description="Folder holding one sub-folder of images per class; folder names are the classes.")
+    image_size: tuple[Annotated[int, Field(ge=1, le=4096)], Annotated[int, Field(ge=1, le=4096)]] = Field(
+        description="Height and width every image is resized to, pixels."
+    )
+    color: Literal["rgb", "grayscale"] = Field("rgb", description="rgb: 3 channels; grayscale: 1 channel.")
+
+
 DatasetSpec = Annotated[
-    SklearnDataset | MnistDataset | Cifar10Dataset | NpzDataset, Field(discriminator="source")
+    SklearnDataset | MnistDataset | Cifar10Dataset | NpzDataset | CsvDataset | ParquetDataset | ImagesDataset,
+    Field(discriminator="source"),
 ]
 
 
@@ -665,7 +703,7 @@ def _format_errors(exc: ValidationError, prefix: str = "", source: str = "") -> 
 
 
 def _is_tag(part: str) -> bool:
-    return part in {"mlp", "cnn", "sklearn", "mnist", "cifar10", "npz"}
+    return part in {"mlp", "cnn", "sklearn", "mnist", "cifar10", "npz", "csv", "parquet", "images"}
 
 
 class DuplicateKeyError(yaml.MarkedYAMLError):
@@ -752,7 +790,7 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> FleetConfi
         raise ConfigError(_format_errors(exc, source=source)) from None
     problems = []
     for name, ds in fleet.datasets.items():
-        image = ds.source in ("mnist", "cifar10") or getattr(ds, "name", "") == "digits" or getattr(
+        image = ds.source in ("mnist", "cifar10", "images") or getattr(ds, "name", "") == "digits" or getattr(
             ds, "kind", "") == "image"
         if image and ds.features != FeatureConfig():
             problems.append(f"datasets.{name}.features: feature selection/extraction applies to tabular data; "

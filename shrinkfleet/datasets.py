@@ -1,8 +1,14 @@
 """Dataset loaders and the pure part of the prepare stage.
 
 Sources: scikit-learn's bundled sets, MNIST IDX files, the CIFAR-10 "python version"
-tarball and a generic ``.npz``. Every loader checks its format and raises
-:class:`DatasetError` naming the file and what is wrong, before any training starts.
+tarball, a generic ``.npz``, CSV and Parquet tables (pandas) and folders of PNG/JPEG images
+(Pillow). Every loader checks its format and raises :class:`DatasetError` naming the file
+and what is wrong, before any training starts.
+
+A table keeps its raw columns until the split: string columns are one-hot encoded with the
+categories of the train split only, and missing numbers are filled with the train split's
+median when ``impute: median`` asks for it. The encoding is part of the normalisation saved
+in ``meta.json``, so the served model applies it again to a DataFrame of raw columns.
 
 A prepared dataset is three splits plus ``meta.json`` (kind, input shape, classes,
 normalisation and a content digest) written to ``data/prepared/<name>/``.
@@ -39,9 +45,12 @@ class DatasetError(ValueError):
 
 @dataclass
 class RawData:
-    """What a loader returns: a training pool and, when the source has one, a test split."""
+    """What a loader returns: a training pool and, when the source has one, a test split.
 
-    x: np.ndarray
+    ``x`` is an array, or for a table a pandas DataFrame of its raw feature columns.
+    """
+
+    x: Any
     y: np.ndarray
     kind: str  # "image" or "tabular"
     x_test: np.ndarray | None = None
@@ -242,6 +251,107 @@ def load_npz(path: Path, kind: str) -> RawData:
     return raw
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def load_table(path: Path, source: str, label: str, columns: list[str] | None = None,
+               impute: str | None = None) -> RawData:
+    """A CSV or Parquet table: ``label`` is the class column, the others (or ``columns``) the features.
+
+    Labels of any type become class ids in sorted order, their values the class names.
+    Number and bool columns are features as they are; string (and categorical) columns are
+    one-hot encoded later, with the train split's categories. A missing value stops the run
+    naming the column and the row count, unless ``impute`` is ``median``; a missing label
+    always does.
+    """
+    import pandas as pd
+
+    if not path.is_file():
+        raise DatasetError(f"{path}: {source} file not found")
+    try:
+        df = pd.read_csv(path) if source == "csv" else pd.read_parquet(path)
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise DatasetError(f"{path}: cannot read as {source} ({type(exc).__name__}: {exc})") from None
+    except ImportError as exc:  # pandas without a Parquet engine
+        raise DatasetError(f"{path}: cannot read Parquet: {exc}") from None
+    df.columns = [str(c) for c in df.columns]
+    if label not in df.columns:
+        raise DatasetError(f"{path}: no label column {label!r}; the columns are: {', '.join(df.columns)}")
+    wanted = [c for c in df.columns if c != label] if columns is None else list(columns)
+    unknown = [c for c in wanted if c not in df.columns]
+    if unknown:
+        raise DatasetError(f"{path}: no column {', '.join(map(repr, unknown))}; the columns are: "
+                           f"{', '.join(df.columns)}")
+    if label in wanted:
+        raise DatasetError(f"{path}: the label column {label!r} is also listed as a feature column")
+    if not wanted:
+        raise DatasetError(f"{path}: no feature column besides the label {label!r}")
+    if len(df) == 0:
+        raise DatasetError(f"{path}: the table has no rows")
+    x = df[wanted].copy()
+    for col in wanted:
+        kind = x[col].dtype.kind
+        if kind not in "biufO" and not isinstance(x[col].dtype, (pd.CategoricalDtype, pd.StringDtype)):
+            raise DatasetError(f"{path}: column {col!r} holds {x[col].dtype} values; features must be numbers or "
+                               "strings (convert it, or leave it out of columns:)")
+        if kind in "iuf" and np.isinf(x[col].to_numpy(dtype=np.float64)).any():
+            raise DatasetError(f"{path}: column {col!r} has {int(np.isinf(x[col].to_numpy(np.float64)).sum())} "
+                               "infinite values")
+    missing = x.isna().sum()
+    missing = missing[missing > 0]
+    if len(missing) and impute is None:
+        raise DatasetError(f"{path}: missing values in " + ", ".join(f"{c!r} ({n} of {len(x)} rows)"
+                                                                   for c, n in missing.items())
+                           + "; fill them, or set impute: median")
+    target = df[label]
+    if target.isna().any():
+        raise DatasetError(f"{path}: label column {label!r} has {int(target.isna().sum())} missing values")
+    values = sorted(target.unique(), key=lambda v: (str(type(v)), v))
+    ids = {v: i for i, v in enumerate(values)}
+    y = target.map(ids).to_numpy(dtype=np.int64)
+    return RawData(x=x.reset_index(drop=True), y=y, kind="tabular", class_names=[str(v) for v in values])
+
+
+def load_images(folder: Path, image_size: tuple[int, int], color: str) -> RawData:
+    """A folder with one sub-folder per class of PNG/JPEG files, decoded and resized with Pillow.
+
+    Classes are the sub-folders in sorted order; hidden files and folders are ignored. Images
+    become uint8 arrays ``(height, width, channels)``: 3 channels for ``rgb``, 1 for
+    ``grayscale``, resized with bilinear filtering.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: image folder not found")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DatasetError(f"{folder}: needs one sub-folder per class, at least 2; found {classes or 'none'}")
+    stray = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if stray:
+        raise DatasetError(f"{folder}: files beside the class folders ({', '.join(stray[:3])}); put each image in "
+                           "the folder of its class")
+    height, width = image_size
+    mode = "RGB" if color == "rgb" else "L"
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).iterdir() if not p.name.startswith("."))
+        if not files:
+            raise DatasetError(f"{folder / name}: class folder holds no image")
+        for path in files:
+            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+                raise DatasetError(f"{path}: not a PNG or JPEG file ({', '.join(IMAGE_SUFFIXES)})")
+            try:
+                with Image.open(path) as img:
+                    img = img.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+                    arr = np.asarray(img, dtype=np.uint8)
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise DatasetError(f"{path}: cannot decode the image ({exc})") from None
+            images.append(arr if arr.ndim == 3 else arr[..., None])
+            labels.append(label)
+    return RawData(x=np.stack(images), y=np.asarray(labels, dtype=np.int64), kind="image", scale=255.0,
+                   class_names=classes)
+
+
 def load_raw(spec: DatasetSpec, base_dir: Path) -> RawData:
     """Load and check a dataset as params.yaml describes it (paths relative to ``base_dir``).
 
@@ -256,6 +366,10 @@ def load_raw(spec: DatasetSpec, base_dir: Path) -> RawData:
         raw = load_mnist(path)
     elif spec.source == "cifar10":
         raw = load_cifar10(path)
+    elif spec.source in ("csv", "parquet"):
+        raw = load_table(path, spec.source, spec.label, spec.columns, spec.impute)
+    elif spec.source == "images":
+        raw = load_images(path, spec.image_size, spec.color)
     else:
         raw = load_npz(path, spec.kind)
     check_raw(raw, where=str(path))
@@ -273,6 +387,8 @@ def check_raw(raw: RawData, where: str) -> None:
     if raw.x_test is not None:
         pairs.append(("x_test/y_test", raw.x_test, raw.y_test))
     for label, x, y in pairs:
+        if _is_table(x):  # a table's columns were checked by load_table; x is not an array yet
+            x = np.zeros((len(x), 1), dtype=np.float32)
         if x.ndim < 2:
             raise DatasetError(f"{where}: {label}: features must be at least 2-D (samples x features), got {x.shape}")
         if y.ndim != 1:
@@ -366,9 +482,9 @@ def fit_tabular(x: np.ndarray, y: np.ndarray, features: FeatureConfig, seed: int
     return norm
 
 
-def apply_tabular(x: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
-    """Apply a transform fitted by :func:`fit_tabular` to rows of raw features."""
-    z = x.astype(np.float64)
+def apply_tabular(x: Any, norm: dict[str, Any]) -> np.ndarray:
+    """Apply a transform fitted by :func:`fit_tabular` to rows of raw features (a table's: a DataFrame)."""
+    z = encode_table(x, norm["encoding"]) if "encoding" in norm else x.astype(np.float64)
     if "columns" in norm:
         z = z[:, norm["columns"]]
     z = (z - np.asarray(norm["mean"])) / np.asarray(norm["std"])
@@ -379,29 +495,80 @@ def apply_tabular(x: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
     return z.astype(np.float32)
 
 
+def _is_table(x: Any) -> bool:
+    return hasattr(x, "iloc")
+
+
+def _take(x: Any, idx: np.ndarray) -> Any:
+    return x.iloc[idx].reset_index(drop=True) if _is_table(x) else x[idx]
+
+
+def fit_encoding(table: Any, impute: str | None = None) -> dict[str, Any]:
+    """How a table's raw columns become numbers, fitted on the train split's rows.
+
+    Number (and bool) columns stay one feature each; a string column becomes one 0/1 feature
+    per category seen in the train split (sorted), in column order. With ``impute: median``
+    a missing number is the train split's median of its column.
+    """
+    import pandas as pd
+
+    numeric, categorical, medians = [], {}, {}
+    for col in table.columns:
+        series = table[col]
+        if series.dtype.kind in "biuf" and not isinstance(series.dtype, pd.CategoricalDtype):
+            numeric.append(col)
+            if impute == "median":
+                median = series.astype(np.float64).median()
+                medians[col] = 0.0 if pd.isna(median) else float(median)
+        else:
+            categorical[col] = sorted({str(v) for v in series.dropna()})
+    names = [f"{c}={v}" if c in categorical else c for c in table.columns for v in categorical.get(c, [None])]
+    return {"columns": list(table.columns), "numeric": numeric, "categorical": categorical, "impute": medians,
+            "feature_names": names}
+
+
+def encode_table(table: Any, encoding: dict[str, Any]) -> np.ndarray:
+    """The rows of ``table`` as the float features :func:`fit_encoding` describes (unseen categories: all zeros)."""
+    parts = []
+    for col in encoding["columns"]:
+        series = table[col]
+        if col in encoding["categorical"]:
+            values = series.astype(object).where(series.notna(), None).map(lambda v: None if v is None else str(v))
+            cats = encoding["categorical"][col]
+            parts.append(np.stack([(values == c).to_numpy(dtype=np.float64) for c in cats], axis=1)
+                         if cats else np.zeros((len(table), 0)))
+        else:
+            col_values = series.astype(np.float64).to_numpy()
+            if col in encoding["impute"]:
+                col_values = np.where(np.isnan(col_values), encoding["impute"][col], col_values)
+            parts.append(col_values[:, None])
+    return np.concatenate(parts, axis=1) if parts else np.zeros((len(table), 0))
+
+
 def prepare(raw: RawData, split: SplitConfig, seed: int, limit: int | None = None,
-            limit_test: int | None = None, features: FeatureConfig | None = None) -> Prepared:
+            limit_test: int | None = None, features: FeatureConfig | None = None,
+            impute: str | None = None) -> Prepared:
     """Split (seeded, stratified), subsample and normalise a loaded dataset.
 
     Every statistic comes from the train split only. Images are scaled to [0, 1]; tabular
     features go through :func:`fit_tabular` (standardised, plus the optional feature
-    selection/extraction of ``features``).
+    selection/extraction of ``features``), a table's columns through :func:`fit_encoding` first.
     """
     x, y = raw.x, raw.y.astype(np.int64)
     if raw.x_test is None:
         pool, test = _stratified(y, split.test_fraction, seed)
-        x_test, y_test = x[test], y[test]
-        x, y = x[pool], y[pool]
+        x_test, y_test = _take(x, test), y[test]
+        x, y = _take(x, pool), y[pool]
     else:
         x_test, y_test = raw.x_test, raw.y_test.astype(np.int64)
     keep, val = _stratified(y, split.val_fraction, seed + 1)
-    x_val, y_val, x_tr, y_tr = x[val], y[val], x[keep], y[keep]
+    x_val, y_val, x_tr, y_tr = _take(x, val), y[val], _take(x, keep), y[keep]
     if limit is not None and limit < len(y_tr):
         sub, _ = _stratified(y_tr, len(y_tr) - limit, seed + 2)
-        x_tr, y_tr = x_tr[sub], y_tr[sub]
+        x_tr, y_tr = _take(x_tr, sub), y_tr[sub]
     if limit_test is not None and limit_test < len(y_test):
         sub, _ = _stratified(y_test, len(y_test) - limit_test, seed + 3)
-        x_test, y_test = x_test[sub], y_test[sub]
+        x_test, y_test = _take(x_test, sub), y_test[sub]
 
     norm: dict[str, Any]
     if raw.kind == "image":
@@ -411,10 +578,14 @@ def prepare(raw: RawData, split: SplitConfig, seed: int, limit: int | None = Non
         def transform(a: np.ndarray) -> np.ndarray:
             return (a.astype(np.float32) / np.float32(scale)).astype(np.float32)
     else:
-        norm = fit_tabular(x_tr.reshape(len(x_tr), -1).astype(np.float64), y_tr, features or FeatureConfig(), seed)
+        encoding = fit_encoding(x_tr, impute) if _is_table(x_tr) else None
+        numeric = encode_table(x_tr, encoding) if encoding else x_tr.reshape(len(x_tr), -1).astype(np.float64)
+        norm = fit_tabular(numeric, y_tr, features or FeatureConfig(), seed)
+        if encoding:
+            norm = {"encoding": encoding, **norm}
 
-        def transform(a: np.ndarray) -> np.ndarray:
-            return apply_tabular(a.reshape(len(a), -1), norm)
+        def transform(a: Any) -> np.ndarray:
+            return apply_tabular(a if _is_table(a) else a.reshape(len(a), -1), norm)
 
     n_classes = int(max(y_tr.max(), y_val.max(), y_test.max())) + 1
     prepared = Prepared(
@@ -433,6 +604,9 @@ def prepare(raw: RawData, split: SplitConfig, seed: int, limit: int | None = Non
         "samples": {s: len(getattr(prepared, s)) for s in SPLITS},
         "seed": seed,
     }
+    if _is_table(raw.x):
+        prepared.meta["columns"] = list(raw.x.columns)
+        prepared.meta["raw_dtypes"] = {c: str(raw.x[c].dtype) for c in raw.x.columns}
     prepared.meta["digest"] = digest(prepared)
     return prepared
 

@@ -6,14 +6,17 @@ serving host needs no training stack.
 
 Input: raw features as the dataset's source provides them (before shrinkfleet's
 normalisation), one sample per row, either flat (``n x prod(input_shape)``) or shaped
-(``n x *input_shape``), as a numpy array or a pandas DataFrame. The model applies the
-dataset's normalisation (saved with the version), quantizes for int8 models, and returns
-class probabilities (softmax of the logits), ``n x classes``.
+(``n x *input_shape``, e.g. uint8 images ``n x height x width x channels``), as a numpy array
+or a pandas DataFrame. A table's model takes a DataFrame of its raw columns by name (string
+columns as strings; a category the train split never had is encoded as all zeros, with a
+warning). The model applies the dataset's normalisation (saved with the version), quantizes
+for int8 models, and returns class probabilities (softmax of the logits), ``n x classes``.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 
 import mlflow
 import numpy as np
@@ -40,6 +43,44 @@ class TFLiteClassifier(mlflow.pyfunc.PythonModel):
         self.output = self.interpreter.get_output_details()[0]
         self.batch = int(self.input["shape"][0])
 
+    def _encode(self, table) -> np.ndarray:
+        """A table's raw columns as numbers, as shrinkfleet.datasets.encode_table does it."""
+        import pandas as pd
+
+        enc = self.meta["normalization"]["encoding"]
+        if isinstance(table, dict):
+            table = pd.DataFrame(table)
+        elif not isinstance(table, pd.DataFrame):
+            if enc["categorical"]:
+                raise ValueError(f"this model takes a DataFrame with the columns {', '.join(enc['columns'])}")
+            table = pd.DataFrame(np.asarray(table, dtype=np.float64).reshape(-1, len(enc["columns"])),
+                                 columns=enc["columns"])
+        missing = [c for c in enc["columns"] if c not in table.columns]
+        if missing:
+            raise ValueError(f"missing input column(s) {', '.join(missing)}; the model takes "
+                             f"{', '.join(enc['columns'])}")
+        parts = []
+        for col in enc["columns"]:
+            series = table[col]
+            if col in enc["categorical"]:
+                cats = enc["categorical"][col]
+                values = [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in series]
+                unseen = sorted({v for v in values if v is not None and v not in cats})
+                if unseen:
+                    warnings.warn(f"column {col!r}: {', '.join(unseen[:5])} not seen in training; encoded as no "
+                                  "category (all zeros)", stacklevel=2)
+                arr = np.array(values, dtype=object)
+                parts.append(np.stack([arr == c for c in cats], axis=1).astype(np.float64) if cats
+                             else np.zeros((len(arr), 0)))
+            else:
+                col_values = np.asarray(series, dtype=np.float64)
+                if col in enc["impute"]:
+                    col_values = np.where(np.isnan(col_values), enc["impute"][col], col_values)
+                elif np.isnan(col_values).any():
+                    raise ValueError(f"column {col!r} has missing values, and the model was trained without impute")
+                parts.append(col_values[:, None])
+        return np.concatenate(parts, axis=1)
+
     def _normalise(self, x: np.ndarray) -> np.ndarray:
         # The same steps, in the same order, as shrinkfleet.datasets.apply_tabular.
         norm = self.meta["normalization"]
@@ -56,14 +97,17 @@ class TFLiteClassifier(mlflow.pyfunc.PythonModel):
         return z
 
     def predict(self, context, model_input, params=None):
-        if isinstance(model_input, dict):  # a named tensor input: {name: array}
-            (model_input,) = model_input.values()
-        if hasattr(model_input, "to_numpy"):  # pandas DataFrame
-            model_input = model_input.to_numpy()
-        x = np.asarray(model_input, dtype=np.float64)
         shape = tuple(self.meta["input_shape"])
-        if x.ndim == 1:
-            x = x[None, :]
+        if "encoding" in self.meta["normalization"]:  # a table: raw columns by name
+            x = self._encode(model_input)
+        else:
+            if isinstance(model_input, dict):  # a named tensor input: {name: array}
+                (model_input,) = model_input.values()
+            if hasattr(model_input, "to_numpy"):  # pandas DataFrame
+                model_input = model_input.to_numpy()
+            x = np.asarray(model_input, dtype=np.float64)
+            if x.ndim == 1:
+                x = x[None, :]
         x = self._normalise(x.reshape(len(x), -1)).reshape((len(x), *shape)).astype(np.float32)
         if self.input["dtype"] in (np.int8, np.uint8):
             scale, zero = self.input["quantization"]

@@ -215,11 +215,8 @@ def log_pyfunc(tflite: Path, meta_path: Path) -> str:
     from mlflow.types.schema import Schema, TensorSpec
 
     meta = json.loads(meta_path.read_text())
-    n_in = int(np.prod(meta.get("raw_input_shape", meta["input_shape"])))  # raw features, before selection
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_in))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(meta["num_classes"])))]),
-    )
+    signature = ModelSignature(inputs=_input_schema(meta), outputs=Schema(
+        [TensorSpec(np.dtype(np.float32), (-1, int(meta["num_classes"])))]))
     info = mlflow.pyfunc.log_model(
         name="pyfunc",
         python_model=str(Path(__file__).with_name("serving_model.py")),
@@ -230,6 +227,23 @@ def log_pyfunc(tflite: Path, meta_path: Path) -> str:
                           f"ai-edge-litert=={version('ai-edge-litert')}"],
     )
     return info.model_uri
+
+
+def _input_schema(meta: dict[str, Any]) -> Any:
+    """What the served model takes: a table's raw columns by name, images as uint8, else flat raw features."""
+    import numpy as np
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    if "columns" in meta:  # a table
+        def col_type(dtype: str) -> str:
+            return ("long" if dtype.startswith(("int", "uint")) else "double" if dtype.startswith("float")
+                    else "boolean" if dtype == "bool" else "string")
+
+        return Schema([ColSpec(col_type(meta["raw_dtypes"][c]), c) for c in meta["columns"]])
+    if meta.get("source") == "images":
+        return Schema([TensorSpec(np.dtype(np.uint8), (-1, *meta["raw_input_shape"]))])
+    n_in = int(np.prod(meta.get("raw_input_shape", meta["input_shape"])))  # raw features, before selection
+    return Schema([TensorSpec(np.dtype(np.float32), (-1, n_in))])
 
 
 def workspace_tags(root: Path) -> dict[str, str]:

@@ -17,6 +17,7 @@ def run(ctx: StageContext, dataset: str) -> dict[str, Any]:
         raise DatasetError(f"datasets.{dataset}.features: feature selection applies to tabular data; "
                            f"{dataset} holds images")
     prepared = prepare(raw, ctx.fleet.data, ctx.fleet.seed, limit=spec.limit, limit_test=spec.limit_test,
-                       features=spec.features)
+                       features=spec.features, impute=getattr(spec, "impute", None))
+    prepared.meta["source"] = spec.source  # the served model's input follows it (see tracking.log_pyfunc)
     save_prepared(prepared, ctx.ws.prepared(dataset))
     return {"digest": prepared.meta["digest"], "samples": prepared.meta["samples"]}
