@@ -454,8 +454,12 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
         chains: dict[str, list[tuple[str, Any]]] = {}
         for m in names:
             chains[m] = []
+            kinds = pipeline.model_kinds(fleet, m)
             for stage, task in MODEL_TASKS:
-                if stage_name(stage, m) in skip:
+                if stage not in kinds:  # (distill, for a model with student: null)
+                    results[m]["stages"][stage] = "none"
+                    _emit({"stage": stage, "target": m, "status": "none", "seconds": 0.0})
+                elif stage_name(stage, m) in skip:
                     results[m]["stages"][stage] = "skipped"
                     _emit({"stage": stage, "target": m, "status": "skipped", "seconds": 0.0})
                 else:
@@ -628,7 +632,8 @@ def _plan(root: Path, datasets: list[str], names: list[str], fleet: Any) -> tupl
     skip = {stage_name("prepare", ds) for ds in datasets if stage_name("prepare", ds) not in changed}
     reasons: dict[str, str] = {}
     for m in names:
-        chain = [stage_name("prepare", fleet.models[m].dataset), *(stage_name(s, m) for s, _ in MODEL_TASKS)]
+        chain = [stage_name("prepare", fleet.models[m].dataset),
+                 *(stage_name(s, m) for s in pipeline.model_kinds(fleet, m))]
         upstream_ok = True
         for stage in chain:
             upstream_ok = upstream_ok and stage not in changed
@@ -658,7 +663,7 @@ def nothing_to_run(params_file: Path, root: Path, models: list[str] | None = Non
     if pipeline.changes(root, fleet):  # dvc.yaml is behind params.yaml: the run rewrites it, then decides
         return False
     skip, _ = _plan(root, datasets, names, fleet)
-    return len(skip) == len(datasets) + len(names) * len(MODEL_TASKS)
+    return len(skip) == len(datasets) + sum(len(pipeline.model_kinds(fleet, m)) for m in names)
 
 
 def run_fleet(

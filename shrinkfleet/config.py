@@ -169,7 +169,50 @@ class CnnArch(_TrainOverrides):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the classifier.")
 
 
-ArchSpec = Annotated[MlpArch | CnnArch, Field(discriminator="arch")]
+BUILDER_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+# Set by shrinkfleet for a tf_keras.applications model: the dataset decides them, and nothing is downloaded.
+APPLICATION_FIXED = ("weights", "input_shape", "input_tensor", "classes", "include_top")
+
+
+class PretrainedArch(_Strict):
+    """Your trained model, used as it is (its weights are not retrained): a .keras, .h5 or SavedModel folder."""
+
+    arch: Literal["pretrained"] = "pretrained"
+    path: str = Field(description="The model file or SavedModel folder, relative to params.yaml's folder.")
+    imports: list[Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*$")]] = Field(
+        default_factory=list, description="Modules imported first (from the project folder), e.g. ones that "
+        "register custom layers for Keras serialization.")
+
+
+class ApplicationArch(_TrainOverrides):
+    """A ``tf_keras.applications`` architecture, trained from scratch (``weights=None``)."""
+
+    arch: Literal["application"] = "application"
+    name: str = Field(pattern=r"^[A-Z][A-Za-z0-9]*$", description="The constructor, e.g. MobileNetV2, ResNet50.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the constructor, e.g. {alpha: 0.35}; input shape, "
+        "classes and weights come from the dataset.")
+
+    @field_validator("options")
+    @classmethod
+    def _not_fixed(cls, v: dict[str, Any]) -> dict[str, Any]:
+        fixed = [k for k in v if k in APPLICATION_FIXED]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)}: set by shrinkfleet (input shape and classes come from the "
+                             "dataset, weights are never downloaded)")
+        return v
+
+
+class CustomArch(_TrainOverrides):
+    """Your architecture: ``function(input_shape, outputs, **options)`` returning a functional tf_keras model."""
+
+    arch: Literal["custom"] = "custom"
+    builder: str = Field(pattern=BUILDER_PATTERN, description="module:function, imported from the project folder.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the builder.")
+
+
+ArchSpec = Annotated[MlpArch | CnnArch | PretrainedArch | ApplicationArch | CustomArch, Field(discriminator="arch")]
+ARCH_KINDS = ("mlp", "cnn", "pretrained", "application", "custom")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -491,7 +534,9 @@ class ModelSpec(_Strict):
 
     dataset: str = Field(description="Name of an entry in datasets:.")
     teacher: ArchSpec = Field(description="Teacher architecture (+ optional training overrides).")
-    student: ArchSpec = Field(description="Student architecture (+ optional distill-training overrides).")
+    student: ArchSpec | None = Field(
+        description="Student architecture (+ optional distill-training overrides); null = no distillation: the "
+        "prune stage starts from the teacher.")
     distill: dict[str, Any] = Field(default_factory=dict, description="Overrides of the distill: section.")
     prune: dict[str, Any] = Field(default_factory=dict, description="Overrides of the prune: section.")
     quantize: dict[str, Any] = Field(default_factory=dict, description="Overrides of the quantize: section.")
@@ -514,7 +559,7 @@ class ResolvedModel(_Strict):
     split: SplitConfig
     teacher_arch: ArchSpec
     teacher: TrainConfig
-    student_arch: ArchSpec
+    student_arch: ArchSpec | None
     distill: DistillConfig
     prune: PruneConfig
     quantize: QuantizeConfig
@@ -549,9 +594,31 @@ class ResolvedModel(_Strict):
         out: dict[str, Any] = {"seed": self.seed, "dataset": self.dataset_name}
         for section in ("dataset", "split", "teacher_arch", "teacher", "student_arch",
                         "distill", "prune", "quantize", "cluster", "qat", "evaluate"):
-            for key, value in getattr(self, section).model_dump().items():
-                out[f"{section}.{key}"] = value
+            value = getattr(self, section)
+            if value is None:  # no student
+                out[f"{section}.arch"] = None
+                continue
+            for key, v in value.model_dump().items():
+                out[f"{section}.{key}"] = v
         return out
+
+    @property
+    def user_modules(self) -> list[str]:
+        """Modules of yours the model's artifacts need imported before they load (custom layers):
+        a pretrained model's ``imports`` and a custom builder's module, teacher's then student's."""
+        from shrinkfleet.pipeline import user_modules
+
+        return user_modules(self.teacher_arch, self.student_arch)
+
+    @property
+    def base(self) -> str:
+        """The Keras model pruning starts from: the student, or the teacher when there is none."""
+        return "teacher" if self.student_arch is None else "student"
+
+    @property
+    def keras_variants(self) -> tuple[str, ...]:
+        """The model's Keras stages' outputs, in chain order."""
+        return ("teacher", "pruned") if self.student_arch is None else ("teacher", "student", "pruned")
 
 
 class FleetConfig(_Strict):
@@ -638,6 +705,11 @@ class FleetConfig(_Strict):
                           f"(one of: {', '.join(self.recipes)})")
         if not chosen and not (sections["search"] and sections["search"].enabled):
             errors.append(f"models.{name}.recipes: empty, and search is off: the model would have no variant")
+        if spec.student is None:
+            from_student = [r for r in chosen if r in self.recipes and self.recipes[r].start == "student"]
+            if from_student:
+                errors.append(f"models.{name}.recipes: {', '.join(from_student)} start(s) from the student, and "
+                              f"models.{name} has none (student: null); list the recipes it runs")
         if spec.dataset not in self.datasets:
             errors.append(
                 f"models.{name}.dataset: {spec.dataset!r} is not in datasets: (one of: {', '.join(self.datasets)})"
@@ -676,8 +748,8 @@ def select_models(fleet_models: list[str], wanted: list[str] | None) -> list[str
     return [m for m in fleet_models if m in wanted]
 
 
-def _train_overrides(arch: MlpArch | CnnArch) -> dict[str, Any]:
-    return {k: v for k in ("epochs", "batch_size", "learning_rate") if (v := getattr(arch, k)) is not None}
+def _train_overrides(arch: Any) -> dict[str, Any]:
+    return {k: v for k in ("epochs", "batch_size", "learning_rate") if (v := getattr(arch, k, None)) is not None}
 
 
 def _format_errors(exc: ValidationError, prefix: str = "", source: str = "") -> str:
@@ -703,7 +775,7 @@ def _format_errors(exc: ValidationError, prefix: str = "", source: str = "") -> 
 
 
 def _is_tag(part: str) -> bool:
-    return part in {"mlp", "cnn", "sklearn", "mnist", "cifar10", "npz", "csv", "parquet", "images"}
+    return part in {*ARCH_KINDS, "sklearn", "mnist", "cifar10", "npz", "csv", "parquet", "images"}
 
 
 class DuplicateKeyError(yaml.MarkedYAMLError):

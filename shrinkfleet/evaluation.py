@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -237,12 +238,18 @@ class TFLiteModel:
 # ----------------------------------------------------------------------------- measures
 
 
+def prunable_weight(layer: keras.layers.Layer) -> Any:
+    """The weight magnitude pruning zeroes in a Dense/Conv layer: its kernel (a depthwise one's
+    ``depthwise_kernel``), or None when it has none yet."""
+    return getattr(layer, "kernel", None) if hasattr(layer, "kernel") else getattr(layer, "depthwise_kernel", None)
+
+
 def kernel_sparsity(model: keras.Model) -> float:
     """Fraction of exact zeros in the kernels of Dense/Conv layers (biases excluded)."""
     zeros = total = 0
     for layer in model.submodules if hasattr(model, "submodules") else model.layers:
-        if isinstance(layer, PRUNABLE) and getattr(layer, "kernel", None) is not None:
-            k = layer.kernel.numpy()
+        if isinstance(layer, PRUNABLE) and prunable_weight(layer) is not None:
+            k = prunable_weight(layer).numpy()
             zeros += int(np.sum(k == 0))
             total += k.size
     return zeros / total if total else 0.0

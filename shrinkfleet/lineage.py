@@ -18,12 +18,14 @@ T = registry.T
 
 def default_params(teacher_arch: str, student_arch: str) -> dict[str, str]:
     """shrinkfleet's defaults in the flat ``section.key`` form the model runs log."""
-    archs = {"mlp": config.MlpArch, "cnn": config.CnnArch}
+    archs = {"mlp": config.MlpArch, "cnn": config.CnnArch}  # the others have no defaults to differ from
     sections: dict[str, Any] = {
         "split": config.SplitConfig(), "teacher": config.TrainConfig(), "distill": config.DistillConfig(),
         "prune": config.PruneConfig(), "quantize": config.QuantizeConfig(), "evaluate": config.EvaluateConfig(),
-        "teacher_arch": archs[teacher_arch](), "student_arch": archs[student_arch](),
     }
+    for section, arch in (("teacher_arch", teacher_arch), ("student_arch", student_arch)):
+        if arch in archs:
+            sections[section] = archs[arch]()
     out = {"seed": str(config.FleetConfig.model_fields["seed"].default)}
     for name, section in sections.items():
         for key, value in section.model_dump().items():

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from shrinkfleet.config import FleetConfig
+from shrinkfleet.config import CustomArch, FleetConfig, PretrainedArch
 
 PIPELINE_FILE = "dvc.yaml"
 HEADER = """\
@@ -95,14 +95,59 @@ def raw_inputs(fleet: FleetConfig, dataset: str) -> list[str]:
     return [str(Path(path).expanduser()) if path.startswith("~") else path]
 
 
+def model_kinds(fleet: FleetConfig, model: str) -> tuple[str, ...]:
+    """The stage kinds one model runs: all of them, but ``distill`` for a model with ``student: null``."""
+    return tuple(k for k in MODEL_STAGE_KINDS if k != "distill" or fleet.models[model].student is not None)
+
+
+def module_paths(module: str, root: Path) -> list[str]:
+    """The project files a module of yours is read from: its top-level package folder, or its file.
+
+    The whole package, because a builder in ``mymodels/cnn.py`` may import its neighbours.
+    Nothing for a module outside the project (an installed library is versioned by its install).
+    """
+    top = module.split(".")[0]
+    if (root / top).is_dir():
+        return [top]
+    if (root / f"{top}.py").is_file():
+        return [f"{top}.py"]
+    return []
+
+
+def user_modules(*archs: Any) -> list[str]:
+    """Modules of yours that models of these architectures need imported (see ``ResolvedModel.user_modules``)."""
+    out: list[str] = []
+    for arch in archs:
+        if isinstance(arch, PretrainedArch):
+            out += arch.imports
+        elif isinstance(arch, CustomArch):
+            out.append(arch.builder.split(":")[0])
+    return list(dict.fromkeys(out))
+
+
+def arch_inputs(arch: Any, root: Path) -> list[str]:
+    """The files a model's architecture reads: a pretrained model's file and its imports, a builder's module."""
+    if isinstance(arch, PretrainedArch):
+        path = str(Path(arch.path).expanduser()) if arch.path.startswith("~") else arch.path
+        return [path, *(p for m in arch.imports for p in module_paths(m, root))]
+    if isinstance(arch, CustomArch):
+        return module_paths(arch.builder.split(":")[0], root)
+    return []
+
+
 def sklearn_version() -> str:
     from importlib.metadata import version
 
     return version("scikit-learn")
 
 
-def stages(fleet: FleetConfig) -> dict[str, dict[str, Any]]:
-    """Every DVC stage of the fleet, in run order: the datasets in use, then each model's chain."""
+def stages(fleet: FleetConfig, root: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every DVC stage of the fleet, in run order: the datasets in use, then each model's chain.
+
+    ``root`` is the project folder, where the modules of custom builders and imports are
+    looked up (default: the current folder).
+    """
+    root = Path(".") if root is None else root
     out: dict[str, dict[str, Any]] = {}
     for ds in fleet.datasets_in_use():
         kind = KINDS["prepare"]
@@ -118,13 +163,18 @@ def stages(fleet: FleetConfig) -> dict[str, dict[str, Any]]:
     for m, spec in fleet.models.items():
         prepared = f"data/prepared/{spec.dataset}"
         model_dir = f"models/{m}"
+        keras = [f"{model_dir}/{v}.keras" for v in ("teacher", "student", "pruned")
+                 if v != "student" or spec.student is not None]
+        base = "teacher" if spec.student is None else "student"
+        # Later stages load the saved models, whose custom layers your modules define.
+        user_code = list(dict.fromkeys(p for m in user_modules(spec.teacher, spec.student)
+                                       for p in module_paths(m, root)))
         inputs = {
-            "teacher": [prepared],
-            "distill": [prepared, f"{model_dir}/teacher.keras"],
-            "prune": [prepared, f"{model_dir}/student.keras"],
-            "compress": [prepared, *(f"{model_dir}/{v}.keras" for v in ("teacher", "student", "pruned"))],
-            "evaluate": [prepared, *(f"{model_dir}/{v}.keras" for v in ("teacher", "student", "pruned")),
-                         f"{model_dir}/variants"],
+            "teacher": [prepared, *arch_inputs(spec.teacher, root)],
+            "distill": [prepared, f"{model_dir}/teacher.keras", *arch_inputs(spec.student, root)],
+            "prune": [prepared, f"{model_dir}/{base}.keras", *user_code],
+            "compress": [prepared, *keras, *user_code],
+            "evaluate": [prepared, *keras, f"{model_dir}/variants", *user_code],
         }
         outs: dict[str, list[Any]] = {
             "teacher": [f"{model_dir}/teacher.keras"],
@@ -132,7 +182,7 @@ def stages(fleet: FleetConfig) -> dict[str, dict[str, Any]]:
             "prune": [f"{model_dir}/pruned.keras"],
             "compress": [f"{model_dir}/variants"],
         }
-        for name in MODEL_STAGE_KINDS:
+        for name in model_kinds(fleet, m):
             kind = KINDS[name]
             params = [s for s in kind.sections if _present(fleet, s)]
             params += [f"models.{m}.{k}" for k in kind.model_keys if k in spec.model_fields_set]
@@ -155,9 +205,9 @@ PLOTS = [
 ]
 
 
-def render(fleet: FleetConfig) -> str:
-    """The text of ``dvc.yaml`` for ``fleet``."""
-    body = {"stages": stages(fleet), "plots": PLOTS}
+def render(fleet: FleetConfig, root: Path | None = None) -> str:
+    """The text of ``dvc.yaml`` for ``fleet`` in the project folder ``root``."""
+    body = {"stages": stages(fleet, root), "plots": PLOTS}
     return HEADER + yaml.safe_dump(body, sort_keys=False, default_flow_style=False, width=120)
 
 
@@ -167,7 +217,7 @@ def changes(root: Path, fleet: FleetConfig) -> list[str]:
     Empty when it is current. A missing or unreadable file counts as every stage added.
     """
     path = root / PIPELINE_FILE
-    wanted = stages(fleet)
+    wanted = stages(fleet, root)
     try:
         current = (yaml.safe_load(path.read_text()) or {}).get("stages", {}) or {}
     except (OSError, yaml.YAMLError):
@@ -175,7 +225,7 @@ def changes(root: Path, fleet: FleetConfig) -> list[str]:
     lines = [f"added {s}" for s in wanted if s not in current]
     lines += [f"removed {s}" for s in current if s not in wanted]
     lines += [f"changed {s}" for s in wanted if s in current and current[s] != wanted[s]]
-    if not lines and path.is_file() and path.read_text() != render(fleet):
+    if not lines and path.is_file() and path.read_text() != render(fleet, root):
         lines.append("rewritten (same stages)")
     return lines
 
@@ -186,7 +236,7 @@ def sync(root: Path, fleet: FleetConfig) -> list[str]:
 
     diff = changes(root, fleet)
     if diff:
-        atomic_write_text(root / PIPELINE_FILE, render(fleet))
+        atomic_write_text(root / PIPELINE_FILE, render(fleet, root))
     return diff
 
 

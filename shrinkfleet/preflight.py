@@ -5,10 +5,12 @@ temporary probe (its creation and removal would change the folder's mtime), not 
 database, not ``.dvc/config``. The CLI prints them together and exits with code 2, before
 MLflow, DVC or Prefect is touched.
 
-What is checked: every dataset in use is loaded and checked (:func:`dataset_problems`), the
-folders a run writes into are writable (:func:`unwritable_outputs`), an MLflow server named
-by ``MLFLOW_TRACKING_URI`` answers (:func:`tracking_problems`) and, with remote storage,
-boto3 finds credentials (:func:`storage_problems`).
+What is checked: every dataset in use is loaded and checked (:func:`dataset_problems`), every
+model of yours is loaded or built and checked against its prepared data
+(:func:`model_problems`), the folders a run writes into are writable
+(:func:`unwritable_outputs`), an MLflow server named by ``MLFLOW_TRACKING_URI`` answers
+(:func:`tracking_problems`) and, with remote storage, boto3 finds credentials
+(:func:`storage_problems`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
+from typing import Any
 
 from shrinkfleet.config import ConfigError, FleetConfig, resolve_path
 
@@ -58,6 +61,60 @@ def dataset_problems(fleet: FleetConfig, base_dir: Path, models: list[str]) -> l
             problems.append(f"datasets.{name}: {exc}")
         except (OSError, EOFError, ValueError, zlib.error) as exc:  # whatever a loader lets through
             problems.append(f"datasets.{name}: {path}: cannot read ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def model_problems(fleet: FleetConfig, base_dir: Path, root: Path, models: list[str]) -> list[str]:
+    """Load or build every model of yours (``pretrained``, ``application``, ``custom``) and check it fits its data.
+
+    The data's shape and classes come from preparing the dataset in memory (what the
+    prepare stage will write): a pretrained model must take that input and give one output
+    per class, an application must accept that input (MobileNetV2 refuses images under
+    32x32) and its options, a builder must import, run and return a functional model of the
+    right output size. Nothing is trained. Loads TensorFlow only when the fleet has such a
+    model (a few seconds); a dataset that does not load is left to :func:`dataset_problems`.
+    """
+    from shrinkfleet.config import ApplicationArch, CustomArch, PretrainedArch
+
+    mine = (PretrainedArch, ApplicationArch, CustomArch)
+    wanted = [m for m in models if isinstance(fleet.models[m].teacher, mine)
+              or isinstance(fleet.models[m].student, mine)]
+    if not wanted:
+        return []
+    from shrinkfleet import zoo
+    from shrinkfleet.datasets import DatasetError, load_raw, prepare
+
+    shapes: dict[str, Any] = {}
+    problems = []
+    for m in wanted:
+        spec = fleet.models[m]
+        ds = fleet.datasets[spec.dataset]
+        if spec.dataset not in shapes:
+            try:
+                shapes[spec.dataset] = prepare(load_raw(ds, base_dir), fleet.data, fleet.seed, limit=ds.limit,
+                                               limit_test=ds.limit_test, features=ds.features,
+                                               impute=getattr(ds, "impute", None))
+            except (DatasetError, OSError, ValueError):  # reported by dataset_problems, with its cause
+                shapes[spec.dataset] = None
+        data = shapes[spec.dataset]
+        if data is None:
+            continue
+        for role, arch in (("teacher", spec.teacher), ("student", spec.student)):
+            if not isinstance(arch, mine):
+                continue
+            where = f"models.{m}.{role}"
+            try:
+                if isinstance(arch, PretrainedArch):
+                    model = zoo.load_pretrained(arch, base_dir, root)
+                else:
+                    model = zoo.build(arch, data.input_shape, data.num_classes, name=role, root=root)
+                zoo.check_fits(model, data.input_shape, data.num_classes, arch.arch)
+            except zoo.ArchError as exc:
+                problems.append(f"{where}: {exc}")
+            finally:
+                from shrinkfleet.tfenv import keras
+
+                keras.backend.clear_session()
     return problems
 
 
@@ -139,6 +196,7 @@ def all_problems(fleet: FleetConfig, params: Path, root: Path, models: list[str]
     """Every check above, in order: datasets, output folders, MLflow server, remote storage."""
     problems: list[str] = []
     problems += dataset_problems(fleet, params.parent, models)
+    problems += model_problems(fleet, params.parent, root, models)
     problems += unwritable_outputs(root)
     problems += tracking_problems()
     problems += storage_problems(fleet)

@@ -411,6 +411,10 @@ def write_report(ws: Workspace, docs: dict[str, dict[str, Any]], failures: dict[
     if failures:
         lines += ["", "## Failed", ""]
         lines += [f"- **{m}**: {why}" for m, why in failures.items()]
+    left = notes_on_layers(docs)
+    if left:
+        lines += ["", "## Layers and recipes left as they are", ""]
+        lines += [f"- {line}" for line in left]
     if docs:
         lines += ["", "## Pareto fronts (accuracy vs coded bytes)", ""]
         lines += [f"- **{model}**: {_front_line(doc)}" for model, doc in docs.items()]
@@ -421,6 +425,27 @@ def write_report(ws: Workspace, docs: dict[str, dict[str, Any]], failures: dict[
     atomic_write_text(path, "\n".join(lines) + "\n")
     atomic_write_text(ws.reports / "fleet.html", _html(header, pretty, regs, failures, docs, plots))
     return path
+
+
+def notes_on_layers(docs: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per technique that left layers of a model as they are, and per recipe that does not apply.
+
+    A layer a technique does not support (preprocessing, normalisation, custom layers,
+    nested models) stays as it is; the variant is still made from the layers it supports.
+    """
+    out = []
+    for model, doc in docs.items():
+        seen: dict[tuple[str, str], list[str]] = {}  # (technique, reason) -> variants
+        for variant, v in doc["variants"].items():
+            for step, layers in (v.get("skipped") or {}).items():
+                technique = step.split(".", 1)[-1]
+                desc = ", ".join(f"{name} ({why.split(':')[0]})" for name, why in layers.items())
+                seen.setdefault((technique, desc), []).append(variant)
+        for (technique, desc), variants in seen.items():
+            out.append(f"**{model}** {technique} left {desc} as they are (in {', '.join(variants)})")
+        for recipe, why in (doc.get("not_applicable") or {}).items():
+            out.append(f"**{model}** recipe {recipe} does not apply: {why}")
+    return out
 
 
 LEGEND = [
@@ -478,6 +503,10 @@ def _html(header: dict[str, str], pretty: pd.DataFrame | None, regs: dict[str, A
     if failures:
         parts += ["<h2 class='fail'>Failed</h2><ul>",
                   *(f"<li class='fail'><b>{e(m)}</b>: {e(why)}</li>" for m, why in failures.items()), "</ul>"]
+    left = notes_on_layers(docs)
+    if left:
+        parts += ["<h2>Layers and recipes left as they are</h2><ul>",
+                  *(f"<li>{e(line).replace('**', '')}</li>" for line in left), "</ul>"]
     if docs:
         parts += ["<h2>Pareto fronts</h2><ul>",
                   *(f"<li><b>{e(m)}</b>: {e(_front_line(d))}</li>" for m, d in docs.items()), "</ul>"]

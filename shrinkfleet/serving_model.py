@@ -10,7 +10,8 @@ normalisation), one sample per row, either flat (``n x prod(input_shape)``) or s
 or a pandas DataFrame. A table's model takes a DataFrame of its raw columns by name (string
 columns as strings; a category the train split never had is encoded as all zeros, with a
 warning). The model applies the dataset's normalisation (saved with the version), quantizes
-for int8 models, and returns class probabilities (softmax of the logits), ``n x classes``.
+for int8 models, and returns class probabilities, ``n x classes``: the softmax of a model's
+logits, or its own probabilities when it ends in a softmax or a sigmoid.
 """
 
 from __future__ import annotations
@@ -129,8 +130,15 @@ class TFLiteClassifier(mlflow.pyfunc.PythonModel):
                 scale, zero = self.output["quantization"]
                 y = (y - zero) * scale
             outs.append(y)
-        logits = np.concatenate(outs)
-        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        out = np.concatenate(outs)
+        kind = self.meta.get("output", "logits")  # what the model ends in (shrinkfleet.zoo.output_kind)
+        if kind == "sigmoid":  # one unit: the probability of class 1
+            p = np.clip(out[:, :1], 0.0, 1.0)
+            return np.concatenate([1.0 - p, p], axis=1)
+        if kind == "probabilities":
+            p = np.clip(out, 0.0, None)
+            return p / np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
+        z = np.exp(out - out.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
 
 

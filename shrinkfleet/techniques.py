@@ -4,16 +4,31 @@ Each function takes a model and returns a new one; the input is cloned first, be
 TFMOT's wrappers reuse (and fine-tuning would move) the wrapped layers' weights. Each
 training-time wrapper is paired with its strip/export step: clustering is stripped here;
 a QAT model is returned wrapped, because the TFLite converter reads its fake-quant ranges.
+
+Every technique wraps layer by layer, only the layers TFMOT supports for it, and leaves the
+others as they are (TFMOT's whole-model calls refuse a model with one unsupported layer:
+preprocessing layers such as Rescaling, LayerNormalization, custom layers, nested models).
+:func:`skipped_layers` lists the layers holding weights that a technique leaves alone, and
+why; a technique with no layer to work on raises :class:`NotApplicable`, which the compress
+stage records as that recipe's verdict instead of failing the model.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
 from shrinkfleet import training, zoo
 from shrinkfleet.config import ClusterConfig, QatConfig
 from shrinkfleet.datasets import Prepared
+from shrinkfleet.evaluation import PRUNABLE, prunable_weight
 from shrinkfleet.tfenv import keras, reset, tfmot
+
+
+class NotApplicable(ValueError):
+    """A technique has no layer of this model to work on; the message says why."""
+
 
 _INITS = {
     "kmeans_plus_plus": "KMEANS_PLUS_PLUS",
@@ -33,8 +48,10 @@ def positive_zeros(model: keras.Model) -> keras.Model:
     return model
 
 
-def _fit(model: keras.Model, data: Prepared, epochs: int, batch_size: int, learning_rate: float, seed: int) -> None:
-    training.fit(model, data.train.x, data.train.y, (data.val.x, data.val.y), loss=training.sparse_ce(),
+def _fit(model: keras.Model, kind: str, data: Prepared, epochs: int, batch_size: int, learning_rate: float,
+         seed: int) -> None:
+    # ``kind``: the unwrapped model's output (TFMOT's wrappers hide the last layer's activation).
+    training.fit(model, data.train.x, data.train.y, (data.val.x, data.val.y), loss=training.loss_for(kind),
                  metrics=["accuracy"], epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                  patience=0, seed=seed)
 
@@ -45,8 +62,6 @@ def cluster(model: keras.Model, cfg: ClusterConfig, data: Prepared, seed: int) -
     With ``preserve_sparsity`` (the default) pruned zeros stay zero, so a pruned model
     stays exactly as sparse. Fine-tunes the centroids, then strips the wrappers.
     """
-    from shrinkfleet.evaluation import PRUNABLE
-
     ck = tfmot().clustering.keras
     reset(seed)
     base = zoo.clone(model)
@@ -57,9 +72,9 @@ def cluster(model: keras.Model, cfg: ClusterConfig, data: Prepared, seed: int) -
     def clusterable(layer: keras.layers.Layer) -> bool:
         # k-means needs more (non-zero) weights than centroids; a layer that small is left
         # as it is: it holds too few weights to matter for size.
-        if not isinstance(layer, PRUNABLE):
+        if not isinstance(layer, PRUNABLE) or prunable_weight(layer) is None:
             return False
-        k = layer.kernel.numpy()
+        k = prunable_weight(layer).numpy()
         n = int(np.count_nonzero(k)) if cfg.preserve_sparsity else k.size
         return n >= 2 * cfg.clusters
 
@@ -68,10 +83,11 @@ def cluster(model: keras.Model, cfg: ClusterConfig, data: Prepared, seed: int) -
         return ck.cluster_weights(layer, **params) if clusterable(layer) else layer
 
     if not any(clusterable(layer) for layer in base.layers):
-        raise ValueError(f"cluster: no layer has at least {2 * cfg.clusters} weights to share {cfg.clusters} "
-                         "values; lower cluster.clusters")
+        raise NotApplicable(f"cluster: no Dense/Conv layer has at least {2 * cfg.clusters} weights to share "
+                            f"{cfg.clusters} values; lower cluster.clusters")
+    kind = zoo.output_kind(base)
     wrapped = keras.models.clone_model(base, clone_function=wrap)
-    _fit(wrapped, data, cfg.epochs, cfg.batch_size, cfg.learning_rate, seed)
+    _fit(wrapped, kind, data, cfg.epochs, cfg.batch_size, cfg.learning_rate, seed)
     return positive_zeros(zoo.clone(ck.strip_clustering(wrapped)))
 
 
@@ -94,16 +110,128 @@ def quantization_aware(model: keras.Model, scheme: str, cfg: QatConfig, data: Pr
     if scheme not in schemes:
         raise ValueError(f"unknown QAT scheme {scheme!r}; one of {', '.join(schemes)}")
     reset(seed)
-    annotated = q.quantize_annotate_model(zoo.clone(model))
-    make = schemes[scheme]
-    qat_model = q.quantize_apply(annotated, make()) if make else q.quantize_apply(annotated)
-    _fit(qat_model, data, cfg.epochs, cfg.batch_size, cfg.learning_rate, seed)
+    base = zoo.clone(model)
+    kind = zoo.output_kind(base)
+    make = schemes[scheme] or q.default_8bit.Default8BitQuantizeScheme
+    chosen = make()
+    supported = qat_supported(base, chosen)
+    if not any(supported.values()):
+        raise NotApplicable(f"{scheme}: TFMOT quantizes none of this model's layers")
+    # Layers the chosen scheme claims but the default 8-bit registry refuses (see qat_supported)
+    # get an explicit "leave in float" config, TFMOT's documented way for a layer it cannot quantize.
+    claimed = qat_claimed(base, chosen)
+    leave_float = _leave_float_config()
+
+    def annotate(layer: keras.layers.Layer) -> keras.layers.Layer:
+        # Annotating layer by layer (TFMOT's quantize_annotate_layer) leaves the others in float:
+        # quantize_annotate_model refuses a whole model with one layer it does not support.
+        if supported[layer.name]:
+            return q.quantize_annotate_layer(layer)
+        if claimed[layer.name]:
+            return q.quantize_annotate_layer(layer, quantize_config=leave_float())
+        return layer
+
+    annotated = keras.models.clone_model(base, clone_function=annotate)
+    with q.quantize_scope({"LeaveFloat": leave_float}):
+        qat_model = q.quantize_apply(annotated, chosen)
+    _fit(qat_model, kind, data, cfg.epochs, cfg.batch_size, cfg.learning_rate, seed)
     return qat_model
+
+
+def qat_supported(model: keras.Model, scheme: Any) -> dict[str, bool]:
+    """Whether ``scheme`` quantizes each layer, by its registry (TFMOT's public ``get_quantize_registry``).
+
+    A layer must be supported by the default 8-bit registry too: the collaborative schemes'
+    registries call every weightless layer supported, then ask the default one for its config,
+    which refuses some of them (Rescaling, measured with TFMOT 0.8.1). Input layers and nested
+    models count as unsupported (nothing to annotate).
+    """
+    registries = [scheme.get_quantize_registry(),
+                  tfmot().quantization.keras.default_8bit.Default8BitQuantizeScheme().get_quantize_registry()]
+    return {layer.name: not isinstance(layer, (keras.layers.InputLayer, keras.Model))
+            and all(r.supports(layer) for r in registries) for layer in model.layers}
+
+
+def qat_claimed(model: keras.Model, scheme: Any) -> dict[str, bool]:
+    """Layers ``scheme``'s own registry calls supported but the default 8-bit registry cannot configure."""
+    own = scheme.get_quantize_registry()
+    default = tfmot().quantization.keras.default_8bit.Default8BitQuantizeScheme().get_quantize_registry()
+    return {layer.name: not isinstance(layer, (keras.layers.InputLayer, keras.Model))
+            and own.supports(layer) and not default.supports(layer) for layer in model.layers}
+
+
+_LEAVE_FLOAT: Any = None
+
+
+def _leave_float_config() -> Any:
+    """A ``tfmot.quantization.keras.QuantizeConfig`` that quantizes nothing (the layer stays in float)."""
+    global _LEAVE_FLOAT
+    if _LEAVE_FLOAT is None:
+        q = tfmot().quantization.keras
+
+        class LeaveFloat(q.QuantizeConfig):
+            def get_weights_and_quantizers(self, layer):
+                return []
+
+            def get_activations_and_quantizers(self, layer):
+                return []
+
+            def set_quantize_weights(self, layer, quantize_weights):
+                pass
+
+            def set_quantize_activations(self, layer, quantize_activations):
+                pass
+
+            def get_output_quantizers(self, layer):
+                return []
+
+            def get_config(self):
+                return {}
+
+        _LEAVE_FLOAT = LeaveFloat
+    return _LEAVE_FLOAT
+
+
+def skipped_layers(model: keras.Model, technique: str, clusters: int = 16, preserve_sparsity: bool = True
+                   ) -> dict[str, str]:
+    """Layers holding weights that ``technique`` (prune, cluster, qat, pqat, cqat, pcqat) leaves as they are, and why.
+
+    Layers without weights are not listed (nothing to compress), except for the QAT family,
+    where a weightless layer TFMOT does not support stays in float in the int8 model.
+    """
+    out: dict[str, str] = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        cls = type(layer).__name__
+        if isinstance(layer, keras.Model):
+            out[layer.name] = f"nested model ({cls}): its layers are left as they are"
+            continue
+        weighted = bool(layer.weights)
+        if technique == "prune":
+            if weighted and not (isinstance(layer, PRUNABLE) and prunable_weight(layer) is not None
+                                 and not isinstance(layer, keras.layers.DepthwiseConv2D)):
+                out[layer.name] = f"{cls}: not pruned (TFMOT prunes Dense and Conv1D/Conv2D kernels)"
+        elif technique == "cluster":
+            if not weighted:
+                continue
+            if not (isinstance(layer, PRUNABLE) and prunable_weight(layer) is not None):
+                out[layer.name] = f"{cls}: not clustered (TFMOT clusters Dense and convolution kernels)"
+                continue
+            k = prunable_weight(layer).numpy()
+            n = int(np.count_nonzero(k)) if preserve_sparsity else k.size
+            if n < 2 * clusters:
+                out[layer.name] = f"{cls}: {n} weights, fewer than twice the {clusters} clusters: left as it is"
+    if technique in ("qat", "pqat", "cqat", "pcqat"):
+        q = tfmot().quantization.keras
+        for name, ok in qat_supported(model, q.default_8bit.Default8BitQuantizeScheme()).items():
+            layer = model.get_layer(name)
+            if not ok and not isinstance(layer, (keras.layers.InputLayer, keras.Model)):
+                out[name] = f"{type(layer).__name__}: not quantization-aware trained (TFMOT does not support it)"
+    return out
 
 
 def distinct_values(model: keras.Model) -> dict[str, int]:
     """Distinct values per Dense/Conv kernel (what clustering bounds)."""
-    from shrinkfleet.evaluation import PRUNABLE
-
-    return {layer.name: len(np.unique(layer.kernel.numpy()))
-            for layer in model.layers if isinstance(layer, PRUNABLE)}
+    return {layer.name: len(np.unique(prunable_weight(layer).numpy()))
+            for layer in model.layers if isinstance(layer, PRUNABLE) and prunable_weight(layer) is not None}

@@ -188,6 +188,8 @@ def log_model(
                 tags["dvc.md5"] = md5
             if gate_verdicts and variant in gate_verdicts:
                 tags[f"{TAG}.gate"] = gate_verdicts[variant][:4000]
+            if v.get("skipped"):  # layers a technique left as they are, and why
+                tags[f"{TAG}.skipped_layers"] = json.dumps(v["skipped"], sort_keys=True)[:4900]
             with mlflow.start_run(run_name=f"{cfg.name}/{variant}", nested=True, tags=tags) as vrun:
                 steps = {f"step.{k}.{key}": val for k, conf in (v.get("settings") or {}).items()
                          for key, val in conf.items()}
@@ -200,32 +202,48 @@ def log_model(
                 if artifact.is_file():
                     mlflow.log_artifact(str(artifact), artifact_path="model")
                 if variant == serve:
-                    model_uri = log_pyfunc(artifact, dataset_dir / "meta.json")
+                    model_uri = log_pyfunc(artifact, dataset_dir / "meta.json", v.get("output", "logits"))
                 run_ids[variant] = vrun.info.run_id
+        if doc.get("not_applicable"):
+            mlflow.set_tag(f"{TAG}.not_applicable", json.dumps(doc["not_applicable"], sort_keys=True)[:4900])
         mlflow.log_dict(doc, "metrics.json")
         return LoggedModel(model_run.info.run_id, run_ids, model_uri)
 
 
-def log_pyfunc(tflite: Path, meta_path: Path) -> str:
-    """Log a ``.tflite`` as the servable pyfunc of ``serving_model.py`` in the active run; returns its URI."""
+def serving_meta(meta_path: Path, output: str = "logits") -> dict[str, Any]:
+    """What the served model needs to know: the dataset's meta.json, plus what the model outputs."""
+    meta = json.loads(meta_path.read_text())
+    return {**meta, "output": output} if output != "logits" else meta
+
+
+def log_pyfunc(tflite: Path, meta_path: Path, output: str = "logits") -> str:
+    """Log a ``.tflite`` as the servable pyfunc of ``serving_model.py`` in the active run; returns its URI.
+
+    ``output`` is what the model ends in (``logits``, ``probabilities``, ``sigmoid``): the
+    served model turns it into class probabilities.
+    """
+    import tempfile
     from importlib.metadata import version
 
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    meta = json.loads(meta_path.read_text())
+    meta = serving_meta(meta_path, output)
     signature = ModelSignature(inputs=_input_schema(meta), outputs=Schema(
         [TensorSpec(np.dtype(np.float32), (-1, int(meta["num_classes"])))]))
-    info = mlflow.pyfunc.log_model(
-        name="pyfunc",
-        python_model=str(Path(__file__).with_name("serving_model.py")),
-        artifacts={"tflite": str(tflite), "preprocessing": str(meta_path)},
-        signature=signature,
-        # Pinned explicitly: MLflow's inference would import the whole training stack.
-        pip_requirements=[f"mlflow=={version('mlflow')}", f"numpy=={version('numpy')}",
-                          f"ai-edge-litert=={version('ai-edge-litert')}"],
-    )
+    with tempfile.TemporaryDirectory(prefix="shrinkfleet-pyfunc-") as tmp:
+        preprocessing = Path(tmp) / "preprocessing.json"
+        preprocessing.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        info = mlflow.pyfunc.log_model(
+            name="pyfunc",
+            python_model=str(Path(__file__).with_name("serving_model.py")),
+            artifacts={"tflite": str(tflite), "preprocessing": str(preprocessing)},
+            signature=signature,
+            # Pinned explicitly: MLflow's inference would import the whole training stack.
+            pip_requirements=[f"mlflow=={version('mlflow')}", f"numpy=={version('numpy')}",
+                              f"ai-edge-litert=={version('ai-edge-litert')}"],
+        )
     return info.model_uri
 
 

@@ -74,7 +74,49 @@ def prime(model: keras.Model, x: np.ndarray, y: np.ndarray) -> None:
 
 
 def logits(model: keras.Model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Model outputs (logits) for ``x`` in inference mode, ``batch_size`` samples at a time.
+    """Class scores in logit space for ``x``, whatever the model's output holds (see :func:`as_logits`)."""
+    from shrinkfleet.zoo import output_kind
+
+    return as_logits(outputs(model, x, batch_size), output_kind(model))
+
+
+def as_logits(out: np.ndarray, kind: str) -> np.ndarray:
+    """Model outputs as logits: unchanged, the log of probabilities, or a sigmoid's two-class log-odds pair.
+
+    The log of softmax probabilities differs from the logits by a constant per sample, so a
+    softmax at any temperature over them gives what it would over the logits: distillation
+    and argmax read them alike. A one-unit sigmoid ``p`` becomes ``[log(1 - p), log(p)]``.
+    """
+    out = np.asarray(out, dtype=np.float32)
+    if kind == "logits":
+        return out
+    eps = np.float32(1e-7)
+    if kind == "sigmoid":
+        p = np.clip(out[:, :1], eps, 1 - eps)
+        return np.concatenate([np.log1p(-p), np.log(p)], axis=1)
+    return np.log(np.clip(out, eps, 1.0))
+
+
+def tf_as_logits(out: Any, kind: str) -> Any:
+    """:func:`as_logits` on a tensor (inside a loss)."""
+    out = tf.cast(out, tf.float32)
+    if kind == "logits":
+        return out
+    if kind == "sigmoid":
+        p = tf.clip_by_value(out[:, :1], 1e-7, 1 - 1e-7)
+        return tf.concat([tf.math.log1p(-p), tf.math.log(p)], axis=1)
+    return tf.math.log(tf.clip_by_value(out, 1e-7, 1.0))
+
+
+def loss_for(kind: str) -> keras.losses.Loss:
+    """The training loss for integer class labels and a model whose output is ``kind``."""
+    if kind == "sigmoid":
+        return keras.losses.BinaryCrossentropy(from_logits=False)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=kind == "logits")
+
+
+def outputs(model: keras.Model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Model outputs for ``x`` in inference mode, ``batch_size`` samples at a time.
 
     The model's call is traced once as a plain ``tf.function``; ``model.predict`` would
     trace its whole predict loop, which on a small model costs more than the predictions.
@@ -89,5 +131,8 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits(model, x), axis=1) == y))
 
 
-def sparse_ce() -> keras.losses.Loss:
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+def sparse_ce(model: keras.Model | None = None) -> keras.losses.Loss:
+    """Cross-entropy on integer labels for ``model``'s outputs (logits when no model is given)."""
+    from shrinkfleet.zoo import output_kind
+
+    return loss_for("logits" if model is None else output_kind(model))

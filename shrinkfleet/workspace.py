@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-KERAS_VARIANTS = ("teacher", "student", "pruned")
-
 
 @dataclass(frozen=True)
 class Workspace:

@@ -4,7 +4,10 @@ A recipe starts from the teacher, the student or the pruned student and applies 
 in order (``prune``, ``cluster``, ``qat``/``pqat``/``cqat``/``pcqat``), ending in one TFLite
 conversion (``float32``, ``float16``, ``dynamic``, ``int8``). Every variant is written as
 ``models/<model>/variants/<name>.tflite`` plus its entropy-coded ``<name>.sfc`` (see
-:mod:`shrinkfleet.coding`), and ``manifest.json`` says how each one was made.
+:mod:`shrinkfleet.coding`), and ``manifest.json`` says how each one was made and which layers
+each technique left as they are. A recipe whose technique has no layer of the model to work
+on (:class:`shrinkfleet.techniques.NotApplicable`) gets a verdict in the manifest instead of
+a file; the model's other recipes go on.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from shrinkfleet.config import ClusterConfig, PruneConfig, ResolvedModel
 from shrinkfleet.datasets import Prepared, load_prepared
 from shrinkfleet.evaluation import TFLiteModel, accuracy_of, to_tflite
 from shrinkfleet.storage import atomic_dir
-from shrinkfleet.techniques import cluster, quantization_aware
+from shrinkfleet.techniques import NotApplicable, cluster, quantization_aware, skipped_layers
 from shrinkfleet.tfenv import configure_devices, keras, reset
 from tasks.common import StageContext
 from tasks.prune import prune
@@ -53,6 +56,7 @@ class Variant:
     steps: list[str]
     settings: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] | None = None
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # step -> {layer: why it was left as it is}
 
 
 def _label(name: str, cfg: Any) -> str:
@@ -74,15 +78,24 @@ def run_recipe(recipe: str, cfg: ResolvedModel, bases: dict[str, keras.Model], d
     model = bases[spec.start]
     labels, settings = [], {}
     names = spec.step_names()
+    skipped: dict[str, dict[str, str]] = {}
     for i in range(len(names) - 1):
         step_name, step_cfg = cfg.step_config(recipe, i)
+        extra = ({"clusters": step_cfg.clusters, "preserve_sparsity": step_cfg.preserve_sparsity}
+                 if step_name == "cluster" else {})
+        left = skipped_layers(model, step_name, **extra)
+        if left:
+            skipped[f"{i}.{step_name}"] = left
         model = STEPS[step_name](model, step_cfg, data, cfg.seed)
         labels.append(_label(step_name, step_cfg))
         settings[f"{i}.{step_name}"] = step_cfg.model_dump()
     conversion = names[-1]
     rep = representative_samples(data, cfg.quantize.representative_samples, cfg.seed) if conversion == "int8" else None
-    content = to_tflite(model, conversion, rep)
-    return Variant(content, encode_best(content), spec.start, [*labels, conversion], settings)
+    try:
+        content = to_tflite(model, conversion, rep)
+    except Exception as exc:  # (the converter's many error types: the recipe's verdict, the others go on)
+        raise NotApplicable(f"{conversion} conversion failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    return Variant(content, encode_best(content), spec.start, [*labels, conversion], settings, skipped=skipped)
 
 
 def search_order(cfg: ResolvedModel) -> list[tuple[float, int, str]]:
@@ -93,6 +106,7 @@ def search_order(cfg: ResolvedModel) -> list[tuple[float, int, str]]:
 
 
 def search(cfg: ResolvedModel, teacher: keras.Model, student: keras.Model, data: Prepared) -> dict[str, Variant]:
+    # ``student``: the model pruning starts from (the teacher itself for a model with no student).
     """Try (sparsity, clusters, conversion) candidates, smallest expected first, within the budget.
 
     Stops at the first candidate whose validation accuracy is within
@@ -114,7 +128,7 @@ def search(cfg: ResolvedModel, teacher: keras.Model, student: keras.Model, data:
         name = f"search-{i + 1}-s{sparsity:g}-k{clusters}-{conversion}"
         info = {"trial": i + 1, "val_accuracy": val, "val_drop": drop, "within_bound": drop <= s.max_accuracy_drop,
                 "best": False}
-        trials[name] = Variant(content, encode_best(content), "student",
+        trials[name] = Variant(content, encode_best(content), cfg.base,
                                [f"prune({sparsity:g})", f"cluster({clusters})", conversion],
                                {"prune": prune_cfg.model_dump(), "cluster": cluster_cfg.model_dump()}, info)
         if info["within_bound"]:
@@ -123,12 +137,23 @@ def search(cfg: ResolvedModel, teacher: keras.Model, student: keras.Model, data:
     return trials
 
 
-def compress(cfg: ResolvedModel, bases: dict[str, keras.Model], data: Prepared) -> dict[str, Variant]:
-    """Every recipe's variant, then the search trials (if enabled), by name."""
-    out = {name: run_recipe(name, cfg, bases, data) for name in cfg.recipes}
+def compress(cfg: ResolvedModel, bases: dict[str, keras.Model], data: Prepared
+             ) -> tuple[dict[str, Variant], dict[str, str]]:
+    """Every recipe's variant, then the search trials (if enabled), by name; and the recipes
+    that do not apply to this model, with why."""
+    out: dict[str, Variant] = {}
+    not_applicable: dict[str, str] = {}
+    for name in cfg.recipes:
+        try:
+            out[name] = run_recipe(name, cfg, bases, data)
+        except NotApplicable as exc:
+            not_applicable[name] = str(exc)
     if cfg.search.enabled:
-        out.update(search(cfg, bases["teacher"], bases["student"], data))
-    return out
+        try:
+            out.update(search(cfg, bases["teacher"], bases[cfg.base], data))
+        except NotApplicable as exc:
+            not_applicable["search"] = str(exc)
+    return out, not_applicable
 
 
 def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
@@ -137,15 +162,21 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
     configure_devices(ctx.fleet.run.mixed_precision)
     reset(cfg.seed)
     data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
-    bases = {name: zoo.load(ctx.ws.keras(model_name, name)) for name in ("teacher", "student", "pruned")}
-    variants = compress(cfg, bases, data)
-    manifest = {}
+    bases = {name: zoo.load(ctx.ws.keras(model_name, name), cfg.user_modules, ctx.ws.root)
+             for name in cfg.keras_variants}
+    variants, not_applicable = compress(cfg, bases, data)
+    if not variants:
+        raise NotApplicable(f"compress: no recipe applies to {model_name}: "
+                            + "; ".join(f"{r}: {why}" for r, why in not_applicable.items()))
+    manifest: dict[str, Any] = {}
     with atomic_dir(ctx.ws.variants_dir(model_name)) as tmp:
         for name, v in variants.items():
             (tmp / f"{name}.tflite").write_bytes(v.content)
             (tmp / f"{name}.sfc").write_bytes(v.coded)
             manifest[name] = {"file": f"{name}.tflite", "coded": f"{name}.sfc", "parent": v.parent,
-                              "steps": v.steps, "settings": v.settings, "search": v.search}
+                              "steps": v.steps, "settings": v.settings, "search": v.search, "skipped": v.skipped}
+        for name, why in not_applicable.items():
+            manifest[name] = {"not_applicable": why}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return {"variants": len(variants), "bytes": {n: len(v.content) for n, v in variants.items()},
-            "coded_bytes": {n: len(v.coded) for n, v in variants.items()}}
+            "coded_bytes": {n: len(v.coded) for n, v in variants.items()}, "not_applicable": not_applicable}

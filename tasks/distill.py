@@ -3,17 +3,20 @@
 Loss (Hinton et al., 2015):
 ``alpha * CE(y, s) + (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T))``.
 The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones
-when T changes.
+when T changes. Models that end in a softmax or a sigmoid take part through the log of their
+probabilities (:func:`shrinkfleet.training.as_logits`), never through a second softmax of
+probabilities. A pretrained student (``arch: pretrained``) is used as it is, not trained.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shrinkfleet import training, zoo
-from shrinkfleet.config import CnnArch, DistillConfig, MlpArch
+from shrinkfleet.config import ConfigError, DistillConfig, PretrainedArch
 from shrinkfleet.datasets import Prepared, load_prepared
 from shrinkfleet.tfenv import configure_devices, keras, precision, reset, tf
 from tasks.common import StageContext
@@ -38,43 +41,49 @@ def pack_targets(y: np.ndarray, teacher_logits: np.ndarray) -> np.ndarray:
 
 
 class _PackedKD(keras.losses.Loss):
-    def __init__(self, temperature: float, alpha: float):
+    def __init__(self, temperature: float, alpha: float, kind: str = "logits"):
         super().__init__(name="distillation")
-        self.temperature, self.alpha = temperature, alpha
+        self.temperature, self.alpha, self.kind = temperature, alpha, kind
 
-    def call(self, y_packed, student_logits):
+    def call(self, y_packed, student_out):
+        student_logits = training.tf_as_logits(student_out, self.kind)
         return distillation_loss(y_packed[:, 0], y_packed[:, 1:], student_logits, self.temperature, self.alpha)
 
 
-def _packed_accuracy(y_packed, student_logits):
-    labels = tf.cast(y_packed[:, 0], tf.int64)
-    return tf.cast(tf.equal(tf.argmax(student_logits, axis=-1), labels), tf.float32)
+def _packed_accuracy_for(kind: str):
+    def accuracy(y_packed, student_out):
+        labels = tf.cast(y_packed[:, 0], tf.int64)
+        predicted = tf.argmax(training.tf_as_logits(student_out, kind), axis=-1)
+        return tf.cast(tf.equal(predicted, labels), tf.float32)
 
-
-_packed_accuracy.__name__ = "accuracy"
+    return accuracy
 
 
 def distill(
-    teacher: keras.Model, arch: MlpArch | CnnArch, cfg: DistillConfig, data: Prepared, seed: int,
-    name: str = "student", mixed_precision: bool = False,
+    teacher: keras.Model, arch: Any, cfg: DistillConfig, data: Prepared, seed: int,
+    name: str = "student", mixed_precision: bool = False, root: Path | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Train a fresh ``arch`` student on ``data`` with the teacher's soft targets.
 
     The teacher is only read (its logits are computed once, in inference mode).
     ``mixed_precision`` trains in mixed_float16; the returned student has float32 layers.
+    ``root`` is where a custom builder is imported from.
     """
     t_train = training.logits(teacher, data.train.x)
     t_val = training.logits(teacher, data.val.x)
     reset(seed)
     with precision(mixed_precision):
-        student = zoo.build(arch, data.input_shape, data.num_classes, name=name)
+        student = zoo.build(arch, data.input_shape, data.num_classes, name=name, root=root)
+        kind = zoo.output_kind(student)
+        accuracy = _packed_accuracy_for(kind)
+        accuracy.__name__ = "accuracy"
         history = training.fit(
             student, data.train.x, pack_targets(data.train.y, t_train),
             (data.val.x, pack_targets(data.val.y, t_val)),
-            loss=_PackedKD(cfg.temperature, cfg.alpha), metrics=[_packed_accuracy], epochs=cfg.epochs,
+            loss=_PackedKD(cfg.temperature, cfg.alpha, kind), metrics=[accuracy], epochs=cfg.epochs,
             batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, patience=cfg.patience, seed=seed,
         )
-    return zoo.as_float32(student, arch, data.input_shape, data.num_classes), history
+    return zoo.as_float32(student, arch, data.input_shape, data.num_classes, root=root), history
 
 
 def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
@@ -83,8 +92,16 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
     gpus = configure_devices(ctx.fleet.run.mixed_precision)
     mixed = ctx.fleet.run.mixed_precision and bool(gpus)
     data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
-    teacher = zoo.load(ctx.ws.keras(model_name, "teacher"))
-    student, history = distill(teacher, cfg.student_arch, cfg.distill, data, cfg.seed, mixed_precision=mixed)
+    if cfg.student_arch is None:
+        raise ConfigError(f"models.{model_name}.student: null: the model has no student to distil")
+    if isinstance(cfg.student_arch, PretrainedArch):
+        student, history = zoo.load_pretrained(cfg.student_arch, ctx.base_dir, ctx.ws.root), {"loss": []}
+        zoo.check_fits(student, data.input_shape, data.num_classes, f"student {cfg.student_arch.path}")
+    else:
+        teacher = zoo.load(ctx.ws.keras(model_name, "teacher"), cfg.user_modules, ctx.ws.root)
+        student, history = distill(teacher, cfg.student_arch, cfg.distill, data, cfg.seed, mixed_precision=mixed,
+                                   root=ctx.ws.root)
+        zoo.check_fits(student, data.input_shape, data.num_classes, f"student ({cfg.student_arch.arch})")
     zoo.save(student, ctx.ws.keras(model_name, "student"))
     return {
         "epochs": len(history["loss"]),

@@ -14,29 +14,32 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shrinkfleet import coding, zoo
+from shrinkfleet import coding, training, zoo
 from shrinkfleet import evaluation as ev
-from shrinkfleet.config import ResolvedModel
+from shrinkfleet.config import PretrainedArch, ResolvedModel
 from shrinkfleet.datasets import Prepared, load_prepared
 from shrinkfleet.metrics import METRICS, pareto_front
 from shrinkfleet.storage import atomic_write_text
+from shrinkfleet.techniques import skipped_layers
 from shrinkfleet.tfenv import keras, reset
-from shrinkfleet.workspace import KERAS_VARIANTS
 from tasks.common import StageContext
 
 METRIC_NAMES = METRICS
 CODED = ("coded_bytes", "huffman_bytes", "range_bytes", "zlib_bytes", "zstd_bytes", "bits_per_nonzero")
-KERAS_PARENTS = {"teacher": None, "student": "teacher", "pruned": "student"}
+def keras_parents(cfg: ResolvedModel) -> dict[str, str | None]:
+    """The parent of each Keras variant in the chain (the pruned model's: the student, or the teacher)."""
+    return {"teacher": None, "student": "teacher", "pruned": cfg.base}
 
 
 def recipes(cfg: ResolvedModel) -> dict[str, str]:
     """Human-readable recipe of each Keras variant (the chain of techniques that made it)."""
     d, p = cfg.distill, cfg.prune
-    return {
-        "teacher": "train",
-        "student": f"distill(T={d.temperature:g}, alpha={d.alpha:g})",
-        "pruned": f"distill(T={d.temperature:g}, alpha={d.alpha:g}) > prune({p.target_sparsity:g})",
-    }
+    teacher = "pretrained" if isinstance(cfg.teacher_arch, PretrainedArch) else "train"
+    student = ("pretrained" if isinstance(cfg.student_arch, PretrainedArch)
+               else f"distill(T={d.temperature:g}, alpha={d.alpha:g})")
+    prune = "prune(2:4)" if p.pattern == "2:4" else f"prune({p.target_sparsity:g})"
+    return {"teacher": teacher, "student": student,
+            "pruned": f"{teacher} > {prune}" if cfg.student_arch is None else f"{student} > {prune}"}
 
 
 def measure_keras(model: keras.Model, data: Prepared, runs: int, warmup: int) -> dict[str, float]:
@@ -46,10 +49,12 @@ def measure_keras(model: keras.Model, data: Prepared, runs: int, warmup: int) ->
     call = ev.keras_caller(model, traced)
     lat = ev.latency(call, data.test.x, runs, warmup)
     coded = coding.measure(content)
+    kind = zoo.output_kind(model)
     return {
         **{k: coded[k] for k in CODED},
         "runtime": "tf.function",
-        "accuracy": ev.accuracy_of(call, data.test.x, data.test.y),
+        "output": kind,
+        "accuracy": ev.accuracy_of(lambda x: training.as_logits(call(x), kind), data.test.x, data.test.y),
         "size_bytes": len(content),
         "gzip_bytes": ev.gzip_size(content),
         "sparsity": ev.kernel_sparsity(model),
@@ -59,7 +64,8 @@ def measure_keras(model: keras.Model, data: Prepared, runs: int, warmup: int) ->
     }
 
 
-def measure_tflite(path: Path, data: Prepared, runs: int, warmup: int, coded: Path | None = None) -> dict[str, float]:
+def measure_tflite(path: Path, data: Prepared, runs: int, warmup: int, coded: Path | None = None,
+                   kind: str = "logits") -> dict[str, float]:
     """Metrics of a ``.tflite`` variant, run through LiteRT.
 
     Raises:
@@ -72,11 +78,12 @@ def measure_tflite(path: Path, data: Prepared, runs: int, warmup: int, coded: Pa
         if coding.decode(blob) != model.content:
             raise RuntimeError(f"{coded}: does not decode to {path.name} byte for byte")
         sizes["coded_bytes"] = len(blob)
-    acc = ev.accuracy_of(model.predict, data.test.x, data.test.y)
+    acc = ev.accuracy_of(lambda x: training.as_logits(model.predict(x), kind), data.test.x, data.test.y)
     lat = ev.latency(model, data.test.x, runs, warmup)
     return {
         **{k: sizes[k] for k in CODED},
         "runtime": model.runtime,
+        "output": kind,
         "accuracy": acc,
         "size_bytes": len(model.content),
         "gzip_bytes": ev.gzip_size(model.content),
@@ -93,22 +100,31 @@ def evaluate(ctx: StageContext, model_name: str) -> dict[str, Any]:
     data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
     runs, warmup = cfg.evaluate.latency_runs, cfg.evaluate.latency_warmup
     recipe = recipes(cfg)
+    parents = keras_parents(cfg)
     variants: dict[str, dict[str, Any]] = {}
-    for name in KERAS_VARIANTS:
+    models: dict[str, keras.Model] = {}
+    for name in cfg.keras_variants:
         path = ctx.ws.keras(model_name, name)
-        m = measure_keras(zoo.load(path), data, runs, warmup)
-        variants[name] = {"format": "keras", "path": _rel(path, ctx), "parent": KERAS_PARENTS[name],
-                          "recipe": recipe[name], **m}
+        models[name] = zoo.load(path, cfg.user_modules, ctx.ws.root)
+        m = measure_keras(models[name], data, runs, warmup)
+        skipped = {"prune": skipped_layers(models[cfg.base], "prune")} if name == "pruned" else {}
+        variants[name] = {"format": "keras", "path": _rel(path, ctx), "parent": parents[name],
+                          "recipe": recipe[name], "skipped": {k: v for k, v in skipped.items() if v}, **m}
     vdir = ctx.ws.variants_dir(model_name)
     manifest = json.loads((vdir / "manifest.json").read_text())
+    not_applicable = {name: entry["not_applicable"] for name, entry in manifest.items() if "not_applicable" in entry}
     for name, entry in manifest.items():
+        if name in not_applicable:
+            continue
         parent = variants[entry["parent"]]
         coded = vdir / entry["coded"] if entry.get("coded") else None
-        m = measure_tflite(vdir / entry["file"], data, runs, warmup, coded)
+        m = measure_tflite(vdir / entry["file"], data, runs, warmup, coded, kind=parent["output"])
         variants[name] = {"format": "tflite", "path": _rel(vdir / entry["file"], ctx), "parent": entry["parent"],
                           "recipe": " > ".join([parent["recipe"], *entry["steps"]]), "params": parent["params"],
-                          "search": entry.get("search"), "settings": entry.get("settings", {}), **m}
-    teacher, student = variants["teacher"], variants["student"]
+                          "search": entry.get("search"), "settings": entry.get("settings", {}),
+                          "skipped": entry.get("skipped", {}), **m}
+    teacher = variants["teacher"]
+    student = variants.get("student", teacher)  # no student: ratios against the model compression started from
     for v in variants.values():
         v["accuracy_drop"] = teacher["accuracy"] - v["accuracy"]
         v["compression_ratio"] = teacher["size_bytes"] / v["size_bytes"]
@@ -122,9 +138,12 @@ def evaluate(ctx: StageContext, model_name: str) -> dict[str, Any]:
         "test_samples": len(data.test),
         "teacher_bytes": teacher["size_bytes"],
         "pareto_front": front,
-        "variants": {name: {**{k: v[k] for k in ("format", "path", "parent", "recipe", "runtime", *METRIC_NAMES)},
-                            "pareto": name in front, "search": v.get("search"), "settings": v.get("settings", {})}
+        "variants": {name: {**{k: v[k] for k in ("format", "path", "parent", "recipe", "runtime", "output",
+                                                  *METRIC_NAMES)},
+                            "pareto": name in front, "search": v.get("search"), "settings": v.get("settings", {}),
+                            "skipped": v.get("skipped", {})}
                      for name, v in variants.items()},
+        "not_applicable": not_applicable,
     }
 
 

@@ -15,8 +15,8 @@ import numpy as np
 from shrinkfleet import training, zoo
 from shrinkfleet.config import PruneConfig
 from shrinkfleet.datasets import Prepared, load_prepared
-from shrinkfleet.evaluation import PRUNABLE, kernel_sparsity
-from shrinkfleet.techniques import positive_zeros
+from shrinkfleet.evaluation import PRUNABLE, kernel_sparsity, prunable_weight
+from shrinkfleet.techniques import NotApplicable, positive_zeros, skipped_layers
 from shrinkfleet.tfenv import configure_devices, keras, reset, tfmot
 from tasks.common import StageContext
 
@@ -43,42 +43,59 @@ def prune(model: keras.Model, cfg: PruneConfig, data: Prepared, seed: int) -> ke
     """A pruned, fine-tuned and stripped copy of ``model``; ``model`` itself is not changed.
 
     TFMOT's wrappers reuse the wrapped layers, so fine-tuning would move the input
-    model's weights too: the input is cloned first.
+    model's weights too: the input is cloned first. Only the layers TFMOT prunes (Dense and
+    convolution kernels) are wrapped; every other layer (normalisation, preprocessing, custom
+    layers, nested models) is kept as it is (see :func:`shrinkfleet.techniques.skipped_layers`).
+
+    Raises:
+        NotApplicable: the model has no layer TFMOT can prune.
     """
     sparsity = tfmot().sparsity.keras
     reset(seed)
     base = zoo.clone(model)
+    kind = zoo.output_kind(base)
+    targets = layer_targets(base, cfg)
+    if not targets:
+        kinds = "Dense, Conv2D" if cfg.pattern == "2:4" else "Dense, Conv1D, Conv2D"
+        raise NotApplicable(f"prune: no layer TFMOT can prune ({kinds}) in this model")
     end, frequency, _ = schedule_steps(len(data.train), cfg)
-    if cfg.pattern == "2:4":
-        # Two zeros in every four consecutive weights (along the input dimension): the
-        # structure sparse tensor cores accelerate. The target sparsity is 0.5 by definition.
-        wrapped = sparsity.prune_low_magnitude(
-            base, pruning_schedule=sparsity.ConstantSparsity(0.5, begin_step=0, frequency=frequency),
-            sparsity_m_by_n=(2, 4))
-    else:
-        targets = layer_targets(base, cfg)
 
-        def schedule(target: float) -> Any:
-            return sparsity.PolynomialDecay(
-                initial_sparsity=min(cfg.initial_sparsity, target), final_sparsity=target,
-                begin_step=0, end_step=end, power=cfg.power, frequency=frequency,
-            )
+    def schedule(target: float) -> Any:
+        if cfg.pattern == "2:4":
+            # Two zeros in every four consecutive weights (along the input dimension): the
+            # structure sparse tensor cores accelerate. The target sparsity is 0.5 by definition.
+            return sparsity.ConstantSparsity(0.5, begin_step=0, frequency=frequency)
+        return sparsity.PolynomialDecay(
+            initial_sparsity=min(cfg.initial_sparsity, target), final_sparsity=target,
+            begin_step=0, end_step=end, power=cfg.power, frequency=frequency,
+        )
 
-        def wrap(layer: keras.layers.Layer) -> keras.layers.Layer:
-            # TFMOT's per-layer pattern: wrap the layer object itself (base is our own copy).
-            if layer.name in targets:
-                return sparsity.prune_low_magnitude(layer, pruning_schedule=schedule(targets[layer.name]))
+    def wrap(layer: keras.layers.Layer) -> keras.layers.Layer:
+        # TFMOT's per-layer pattern: wrap the layer object itself (base is our own copy). Layers
+        # TFMOT does not prune stay as they are, so a model never fails because of one of them.
+        if layer.name not in targets:
             return layer
+        m_by_n = {"sparsity_m_by_n": (2, 4)} if cfg.pattern == "2:4" else {}
+        return sparsity.prune_low_magnitude(layer, pruning_schedule=schedule(targets[layer.name]), **m_by_n)
 
-        wrapped = keras.models.clone_model(base, clone_function=wrap)
+    wrapped = keras.models.clone_model(base, clone_function=wrap)
     training.fit(
         wrapped, data.train.x, data.train.y, (data.val.x, data.val.y),
-        loss=training.sparse_ce(), metrics=["accuracy"], epochs=cfg.epochs, batch_size=cfg.batch_size,
+        loss=training.loss_for(kind), metrics=["accuracy"], epochs=cfg.epochs, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, patience=0, seed=seed, callbacks=[sparsity.UpdatePruningStep()],
     )
     stripped = sparsity.strip_pruning(wrapped)
     # A plain functional model, free of the wrapper's training graph, with -0.0 made +0.0.
     return positive_zeros(zoo.clone(stripped))
+
+
+def prunes(layer: keras.layers.Layer) -> bool:
+    """Whether TFMOT's magnitude pruning zeroes this layer's kernel: Dense and convolutions.
+
+    Not DepthwiseConv2D: TFMOT 0.8.1 wraps it but leaves its depthwise kernel dense (measured).
+    """
+    return (isinstance(layer, PRUNABLE) and not isinstance(layer, keras.layers.DepthwiseConv2D)
+            and prunable_weight(layer) is not None)
 
 
 def layer_targets(model: keras.Model, cfg: PruneConfig) -> dict[str, float]:
@@ -87,7 +104,9 @@ def layer_targets(model: keras.Model, cfg: PruneConfig) -> dict[str, float]:
     Raises:
         ValueError: ``layer_sparsity`` names a layer the model does not have.
     """
-    prunable = [layer.name for layer in model.layers if isinstance(layer, PRUNABLE)]
+    prunable = [layer.name for layer in model.layers if prunes(layer)]
+    if cfg.pattern == "2:4":  # TFMOT's m-by-n sparsity covers Dense and Conv2D kernels only
+        prunable = [n for n in prunable if type(model.get_layer(n)) in (keras.layers.Dense, keras.layers.Conv2D)]
     unknown = sorted(set(cfg.layer_sparsity) - set(prunable))
     if unknown:
         raise ValueError(f"prune.layer_sparsity: no prunable layer named {', '.join(unknown)} "
@@ -96,26 +115,42 @@ def layer_targets(model: keras.Model, cfg: PruneConfig) -> dict[str, float]:
 
 
 def expected_sparsity(cfg: PruneConfig, model: keras.Model | None = None) -> float:
-    """The overall kernel sparsity ``prune`` reaches with ``cfg`` (weighted by layer size)."""
-    if cfg.pattern == "2:4":
-        return 0.5
-    if model is None or not cfg.layer_sparsity:
-        return cfg.target_sparsity
+    """The overall kernel sparsity ``prune`` reaches with ``cfg`` (weighted by layer size).
+
+    Over every prunable kernel :func:`shrinkfleet.evaluation.kernel_sparsity` counts: those
+    ``cfg`` does not target (a DepthwiseConv2D under 2:4) stay dense.
+    """
+    if model is None:
+        return 0.5 if cfg.pattern == "2:4" else cfg.target_sparsity
     targets = layer_targets(model, cfg)
-    sizes = {layer.name: layer.kernel.shape.num_elements() for layer in model.layers if layer.name in targets}
-    return sum(targets[n] * sizes[n] for n in targets) / sum(sizes.values())
+    sizes = {layer.name: prunable_weight(layer).shape.num_elements() for layer in model.layers
+             if isinstance(layer, PRUNABLE) and prunable_weight(layer) is not None}
+    if not sizes:
+        return 0.0
+    per_layer = {n: (0.5 if cfg.pattern == "2:4" else targets[n]) if n in targets else 0.0 for n in sizes}
+    return sum(per_layer[n] * sizes[n] for n in sizes) / sum(sizes.values())
 
 
 def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
-    """Prune one fleet member's student into models/<model>/pruned.keras."""
+    """Prune one fleet member's student (or teacher, with no student) into models/<model>/pruned.keras.
+
+    A model with no layer TFMOT can prune is saved unchanged (sparsity 0), so its recipes
+    still run; the stage's result says so.
+    """
     cfg = ctx.fleet.resolve(model_name)
     configure_devices(ctx.fleet.run.mixed_precision)
     data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
-    student = zoo.load(ctx.ws.keras(model_name, "student"))
-    pruned = prune(student, cfg.prune, data, cfg.seed)
-    reached = kernel_sparsity(pruned)
-    target = expected_sparsity(cfg.prune, student)
-    if not np.isclose(reached, target, atol=0.02):
-        raise RuntimeError(f"prune: reached sparsity {reached:.3f}, target {target}; check prune.frequency")
+    base = zoo.load(ctx.ws.keras(model_name, cfg.base), cfg.user_modules, ctx.ws.root)
+    note = ""
+    try:
+        pruned = prune(base, cfg.prune, data, cfg.seed)
+    except NotApplicable as exc:
+        pruned, note = base, f"{exc}: pruned.keras is the {cfg.base} unchanged"
+    else:
+        reached = kernel_sparsity(pruned)
+        target = expected_sparsity(cfg.prune, base)
+        if not np.isclose(reached, target, atol=0.02):
+            raise RuntimeError(f"prune: reached sparsity {reached:.3f}, target {target}; check prune.frequency")
     zoo.save(pruned, ctx.ws.keras(model_name, "pruned"))
-    return {"sparsity": reached, "val_accuracy": training.accuracy(pruned, data.val.x, data.val.y)}
+    return {"sparsity": kernel_sparsity(pruned), "val_accuracy": training.accuracy(pruned, data.val.x, data.val.y),
+            "from": cfg.base, "skipped_layers": skipped_layers(base, "prune"), "note": note}

@@ -88,7 +88,9 @@ def record(ws: Workspace, cfg: ResolvedModel, stages: dict[str, str], use_dvc: b
     hashes = dvc_outs(ws, cfg, use_dvc)
     candidate = decision.candidate if cfg.gate.promote else None
     tflite = ws.root / doc["variants"][candidate]["path"] if candidate else None
-    preprocessing = json.loads((ws.prepared(cfg.dataset_name) / "meta.json").read_text()) if candidate else None
+    preprocessing = (tracking.serving_meta(ws.prepared(cfg.dataset_name) / "meta.json",
+                                           doc["variants"][candidate].get("output", "logits"))
+                     if candidate else None)
     # A servable pyfunc is logged only for content the registry lacks: on a night with nothing
     # changed the candidate is the production version's bytes, and its pyfunc exists already.
     serve = candidate

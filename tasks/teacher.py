@@ -1,33 +1,47 @@
-"""teacher: supervised training of the full-size model every variant is measured against."""
+"""teacher: the full-size model every variant is measured against: trained here, or yours as it is.
+
+An ``arch: pretrained`` teacher is loaded and saved unchanged (same weights) as
+``teacher.keras``, after checking that it takes the prepared inputs and has one output per
+class; every other architecture is built and trained on the train split.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from shrinkfleet import training, zoo
-from shrinkfleet.config import CnnArch, MlpArch, TrainConfig
+from shrinkfleet.config import PretrainedArch, TrainConfig
 from shrinkfleet.datasets import Prepared, load_prepared
 from shrinkfleet.tfenv import configure_devices, keras, precision, reset
 from tasks.common import StageContext
 
 
 def train_teacher(
-    arch: MlpArch | CnnArch, cfg: TrainConfig, data: Prepared, seed: int, name: str = "teacher",
-    mixed_precision: bool = False,
+    arch: Any, cfg: TrainConfig, data: Prepared, seed: int, name: str = "teacher",
+    mixed_precision: bool = False, root: Path | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Build and train a teacher; returns the model (best val-loss weights, float32 layers) and its history.
 
-    ``mixed_precision`` trains in mixed_float16 (the stage asks for it only on a GPU).
+    ``mixed_precision`` trains in mixed_float16 (the stage asks for it only on a GPU);
+    ``root`` is where a custom builder is imported from.
     """
     reset(seed)
     with precision(mixed_precision):
-        model = zoo.build(arch, data.input_shape, data.num_classes, name=name)
+        model = zoo.build(arch, data.input_shape, data.num_classes, name=name, root=root)
         history = training.fit(
             model, data.train.x, data.train.y, (data.val.x, data.val.y),
-            loss=training.sparse_ce(), metrics=["accuracy"], epochs=cfg.epochs, batch_size=cfg.batch_size,
+            loss=training.sparse_ce(model), metrics=["accuracy"], epochs=cfg.epochs, batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate, patience=cfg.patience, seed=seed,
         )
-    return zoo.as_float32(model, arch, data.input_shape, data.num_classes), history
+    return zoo.as_float32(model, arch, data.input_shape, data.num_classes, root=root), history
+
+
+def load_teacher(arch: PretrainedArch, data: Prepared, base_dir: Path, root: Path) -> keras.Model:
+    """Your trained teacher, checked against the prepared data; its weights as they are."""
+    model = zoo.load_pretrained(arch, base_dir, root)
+    zoo.check_fits(model, data.input_shape, data.num_classes, f"teacher {arch.path}")
+    return model
 
 
 def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
@@ -36,7 +50,12 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
     gpus = configure_devices(ctx.fleet.run.mixed_precision)
     mixed = ctx.fleet.run.mixed_precision and bool(gpus)
     data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
-    model, history = train_teacher(cfg.teacher_arch, cfg.teacher, data, cfg.seed, mixed_precision=mixed)
+    if isinstance(cfg.teacher_arch, PretrainedArch):
+        model, history = load_teacher(cfg.teacher_arch, data, ctx.base_dir, ctx.ws.root), {"loss": []}
+    else:
+        model, history = train_teacher(cfg.teacher_arch, cfg.teacher, data, cfg.seed, mixed_precision=mixed,
+                                       root=ctx.ws.root)
+        zoo.check_fits(model, data.input_shape, data.num_classes, f"teacher ({cfg.teacher_arch.arch})")
     zoo.save(model, ctx.ws.keras(model_name, "teacher"))
     return {
         "epochs": len(history["loss"]),
