@@ -565,11 +565,12 @@ def _metric(mv: Any, name: str) -> float | None:
 
 
 def _fmt_version_row(mv: Any) -> list[str]:
-    acc, size, ratio = (_metric(mv, m) for m in ("accuracy", "size_bytes", "compression_ratio"))
+    acc, mae, size, ratio = (_metric(mv, m) for m in ("accuracy", "mae", "size_bytes", "compression_ratio"))
+    score = f"{acc * 100:.2f}" if acc is not None else f"MAE {mae:.4g}" if mae is not None else ""
     return [
         str(mv.version),
         mv.tags.get("shrinkfleet.variant", ""),
-        f"{acc * 100:.2f}" if acc is not None else "",
+        score,
         f"{size:,.0f}" if size is not None else "",
         f"{ratio:.1f}x" if ratio is not None else "",
     ]
@@ -596,7 +597,7 @@ def status(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
     fleet = _load(params)
     _registry_setup(root)
     t = Table(title="Production (alias production)")
-    for col in ("model", "version", "variant", "accuracy %", "bytes", "ratio", "promoted at", "versions"):
+    for col in ("model", "version", "variant", "accuracy % | MAE", "bytes", "ratio", "promoted at", "versions"):
         t.add_column(col, justify="left" if col in ("model", "variant", "promoted at") else "right")
     for m in fleet.model_names():
         mv = registry.production(m)
@@ -626,7 +627,7 @@ def history(
         _fail(f"{model}: no registered versions yet (run `shrinkfleet run` first)", code=1)
     prod = registry.production(model)
     t = Table(title=f"{model}: versions")
-    for col in ("version", "variant", "accuracy %", "bytes", "ratio", "created", "git", "state"):
+    for col in ("version", "variant", "accuracy % | MAE", "bytes", "ratio", "created", "git", "state"):
         t.add_column(col)
     for mv in vs:
         created = _fmt_time(mv.creation_timestamp)
@@ -669,7 +670,8 @@ def promote(
     _registry_setup(root)
 
     def check(mv: Any) -> list[str]:
-        metrics = {m: _metric(mv, m) for m in ("accuracy_drop", "size_bytes", "latency_ms_p50")}
+        drop = "error_increase" if _metric(mv, "error_increase") is not None else "accuracy_drop"
+        metrics = {m: _metric(mv, m) for m in (drop, "size_bytes", "latency_ms_p50")}
         if any(v is None for v in metrics.values()):
             return []
         return [str(f) for f in gate.check(metrics, gate_cfg)]
@@ -718,7 +720,8 @@ def lineage(
                   f"git {info['git_sha']}  content {info['content_sha256'][:23]}…", highlight=False)
     console.print(f"  dataset {d['name']}: digest {d['digest']}  DVC {d['path']} {d['dvc_md5']}", highlight=False)
     for step in info["chain"]:
-        acc = f"{step['accuracy'] * 100:.2f}%" if step["accuracy"] is not None else ""
+        acc = (f"{step['accuracy'] * 100:.2f}%" if step["accuracy"] is not None
+               else f"MAE {step['mae']:.4g}" if step.get("mae") is not None else "")
         console.print(f"  └─ {step['variant']:<16} run {step['run_id']}  {acc:>7}  {step['recipe']}", highlight=False)
         console.print(f"       {step['artifact']}  md5 {step['dvc_md5']}", highlight=False)
     console.print(f"  fleet run {info['fleet_run']['run_id']} (trigger {info['fleet_run']['trigger']}, "

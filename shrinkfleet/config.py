@@ -96,13 +96,19 @@ class NpzDataset(_DatasetBase):
     kind: Literal["image", "tabular"] = Field(
         "tabular", description="image: scaled to [0, 1]; tabular: standardised on the train split."
     )
+    task: Literal["classification", "regression"] = Field(
+        "classification", description="classification: y holds class ids; regression: y holds numbers to predict."
+    )
 
 
 class _TableDataset(_DatasetBase):
     """A table with one row per sample: a label column and feature columns (numbers or strings)."""
 
     path: str = Field(description="Path of the table file.")
-    label: str = Field(description="The label column: class names or ids.")
+    label: str = Field(description="The label column: class names or ids, or (regression) the numbers to predict.")
+    task: Literal["classification", "regression"] = Field(
+        "classification", description="classification: the label is a class; regression: a number."
+    )
     columns: list[str] | None = Field(
         None, min_length=1, description="Feature columns; None = every column but the label."
     )
@@ -401,13 +407,18 @@ class GateConfig(_Strict):
         0.02, ge=0, le=1,
         description="Largest accepted teacher accuracy - variant accuracy (fraction; 0.02 = 2 points).",
     )
+    max_error_increase: float = Field(
+        0.1, ge=0, description="Regression: largest accepted (variant MAE - teacher MAE) / teacher MAE "
+        "(fraction; 0.1 = 10% worse)."
+    )
     max_size_bytes: int | None = Field(None, gt=0, description="Largest accepted flatbuffer size; None = no limit.")
     max_latency_ms_p50: float | None = Field(
         None, gt=0, description="Largest accepted median latency in ms; None = no limit."
     )
     objective: Literal["size_bytes", "coded_bytes", "accuracy", "latency_ms_p50"] = Field(
         "size_bytes", description="How the candidate is chosen among passing variants: smallest size_bytes "
-        "(flatbuffer) or coded_bytes (entropy-coded), highest accuracy, or lowest latency_ms_p50."
+        "(flatbuffer) or coded_bytes (entropy-coded), highest accuracy (regression: lowest MAE), or lowest "
+        "latency_ms_p50."
     )
     promote: bool = Field(True, description="Register the candidate in the MLflow Model Registry and move production.")
 
@@ -705,6 +716,10 @@ class FleetConfig(_Strict):
                           f"(one of: {', '.join(self.recipes)})")
         if not chosen and not (sections["search"] and sections["search"].enabled):
             errors.append(f"models.{name}.recipes: empty, and search is off: the model would have no variant")
+        task = getattr(self.datasets.get(spec.dataset), "task", "classification")
+        if task == "regression" and sections["search"] is not None and sections["search"].enabled:
+            errors.append(f"models.{name}.search: the search bounds an accuracy drop; {spec.dataset} is a "
+                          "regression dataset (turn search off for this model)")
         if spec.student is None:
             from_student = [r for r in chosen if r in self.recipes and self.recipes[r].start == "student"]
             if from_student:

@@ -57,6 +57,7 @@ class RawData:
     y_test: np.ndarray | None = None
     scale: float | None = None  # images: the value that maps to 1.0
     class_names: list[str] = field(default_factory=list)
+    task: str = "classification"  # or "regression": y holds the numbers to predict
 
 
 @dataclass
@@ -79,7 +80,12 @@ class Prepared:
 
     @property
     def num_classes(self) -> int:
+        """Outputs of a model of this data: its classes, or 1 for regression."""
         return int(self.meta["num_classes"])
+
+    @property
+    def task(self) -> str:
+        return self.meta.get("task", "classification")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -227,7 +233,7 @@ def load_cifar10(path: Path) -> RawData:
     return RawData(x=x, y=y, kind="image", x_test=x_test, y_test=y_test, scale=255.0, class_names=names)
 
 
-def load_npz(path: Path, kind: str) -> RawData:
+def load_npz(path: Path, kind: str, task: str = "classification") -> RawData:
     """A ``.npz`` with x_train/y_train/x_test/y_test, or x/y (shrinkfleet splits it)."""
     if not path.is_file():
         raise DatasetError(f"{path}: .npz file not found")
@@ -248,6 +254,7 @@ def load_npz(path: Path, kind: str) -> RawData:
         )
     if kind == "image" and np.issubdtype(raw.x.dtype, np.integer):
         raw.scale = 255.0
+    raw.task = task
     return raw
 
 
@@ -255,10 +262,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def load_table(path: Path, source: str, label: str, columns: list[str] | None = None,
-               impute: str | None = None) -> RawData:
+               impute: str | None = None, task: str = "classification") -> RawData:
     """A CSV or Parquet table: ``label`` is the class column, the others (or ``columns``) the features.
 
-    Labels of any type become class ids in sorted order, their values the class names.
+    Labels of any type become class ids in sorted order, their values the class names; for
+    ``task: regression`` the label column holds the numbers to predict.
     Number and bool columns are features as they are; string (and categorical) columns are
     one-hot encoded later, with the train split's categories. A missing value stops the run
     naming the column and the row count, unless ``impute`` is ``median``; a missing label
@@ -306,6 +314,12 @@ def load_table(path: Path, source: str, label: str, columns: list[str] | None = 
     target = df[label]
     if target.isna().any():
         raise DatasetError(f"{path}: label column {label!r} has {int(target.isna().sum())} missing values")
+    if task == "regression":
+        if target.dtype.kind not in "biuf":
+            raise DatasetError(f"{path}: label column {label!r} holds {target.dtype} values; a regression label "
+                               "must be numbers")
+        return RawData(x=x.reset_index(drop=True), y=target.to_numpy(dtype=np.float64), kind="tabular",
+                       task="regression")
     values = sorted(target.unique(), key=lambda v: (str(type(v)), v))
     ids = {v: i for i, v in enumerate(values)}
     y = target.map(ids).to_numpy(dtype=np.int64)
@@ -367,11 +381,11 @@ def load_raw(spec: DatasetSpec, base_dir: Path) -> RawData:
     elif spec.source == "cifar10":
         raw = load_cifar10(path)
     elif spec.source in ("csv", "parquet"):
-        raw = load_table(path, spec.source, spec.label, spec.columns, spec.impute)
+        raw = load_table(path, spec.source, spec.label, spec.columns, spec.impute, spec.task)
     elif spec.source == "images":
         raw = load_images(path, spec.image_size, spec.color)
     else:
-        raw = load_npz(path, spec.kind)
+        raw = load_npz(path, spec.kind, spec.task)
     check_raw(raw, where=str(path))
     return raw
 
@@ -402,11 +416,19 @@ def check_raw(raw: RawData, where: str) -> None:
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             bad = int((~np.isfinite(x)).sum())
             raise DatasetError(f"{where}: {label}: {bad} feature values are NaN or infinite")
+        if raw.task == "regression":
+            if not np.issubdtype(y.dtype, np.number) or not np.isfinite(y.astype(np.float64)).all():
+                raise DatasetError(f"{where}: {label}: regression labels must be finite numbers")
+            continue
         whole = np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))
         if not (np.issubdtype(y.dtype, np.integer) or whole):
             raise DatasetError(f"{where}: {label}: labels must be integer class ids 0..C-1, got {y.dtype}")
         if y.min() < 0:
             raise DatasetError(f"{where}: {label}: labels must be class ids >= 0, found {int(y.min())}")
+    if raw.task == "regression":
+        if len(np.unique(raw.y)) < 2:
+            raise DatasetError(f"{where}: every regression label is {raw.y[0]}: nothing to learn")
+        return
     if raw.class_names:  # the source names its classes (MNIST's 10 digits, CIFAR's batches.meta)
         for label, _, y in pairs:
             if int(y.max()) >= len(raw.class_names):
@@ -427,13 +449,19 @@ def check_raw(raw: RawData, where: str) -> None:
 # ----------------------------------------------------------------------------- prepare
 
 
-def _stratified(y: np.ndarray, size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held) with ``size`` held out, stratified when every class allows it."""
+def _stratified(y: np.ndarray, size: int | float, seed: int, stratify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held) with ``size`` held out, stratified when every class allows it.
+
+    ``stratify`` False splits at random (a regression target has no classes).
+    """
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(y))
-    _, counts = np.unique(y, return_counts=True)
     n_held = size if isinstance(size, int) else round(size * len(y))
+    if not stratify:
+        kept, held = train_test_split(idx, test_size=size, random_state=seed)
+        return np.sort(kept), np.sort(held)
+    _, counts = np.unique(y, return_counts=True)
     strat = y if counts.min() >= 2 and n_held >= len(counts) and len(y) - n_held >= len(counts) else None
     kept, held = train_test_split(idx, test_size=size, random_state=seed, stratify=strat)
     return np.sort(kept), np.sort(held)
@@ -464,9 +492,10 @@ def fit_tabular(x: np.ndarray, y: np.ndarray, features: FeatureConfig, seed: int
     if features.select_k is not None:
         if features.select_k > z.shape[1]:
             raise DatasetError(f"features.select_k {features.select_k} is more than the {z.shape[1]} features left")
-        from sklearn.feature_selection import mutual_info_classif
+        from sklearn.feature_selection import mutual_info_classif, mutual_info_regression
 
-        mi = mutual_info_classif(z, y, random_state=seed)
+        mutual_info = mutual_info_regression if np.issubdtype(y.dtype, np.floating) else mutual_info_classif
+        mi = mutual_info(z, y, random_state=seed)
         top = np.sort(np.argsort(-mi, kind="stable")[: features.select_k])
         norm["select"] = top.tolist()
         norm["mutual_information"] = mi[top].tolist()
@@ -554,20 +583,22 @@ def prepare(raw: RawData, split: SplitConfig, seed: int, limit: int | None = Non
     features go through :func:`fit_tabular` (standardised, plus the optional feature
     selection/extraction of ``features``), a table's columns through :func:`fit_encoding` first.
     """
-    x, y = raw.x, raw.y.astype(np.int64)
+    regression = raw.task == "regression"
+    label_type = np.float64 if regression else np.int64
+    x, y = raw.x, raw.y.astype(label_type)
     if raw.x_test is None:
-        pool, test = _stratified(y, split.test_fraction, seed)
+        pool, test = _stratified(y, split.test_fraction, seed, not regression)
         x_test, y_test = _take(x, test), y[test]
         x, y = _take(x, pool), y[pool]
     else:
-        x_test, y_test = raw.x_test, raw.y_test.astype(np.int64)
-    keep, val = _stratified(y, split.val_fraction, seed + 1)
+        x_test, y_test = raw.x_test, raw.y_test.astype(label_type)
+    keep, val = _stratified(y, split.val_fraction, seed + 1, not regression)
     x_val, y_val, x_tr, y_tr = _take(x, val), y[val], _take(x, keep), y[keep]
     if limit is not None and limit < len(y_tr):
-        sub, _ = _stratified(y_tr, len(y_tr) - limit, seed + 2)
+        sub, _ = _stratified(y_tr, len(y_tr) - limit, seed + 2, not regression)
         x_tr, y_tr = _take(x_tr, sub), y_tr[sub]
     if limit_test is not None and limit_test < len(y_test):
-        sub, _ = _stratified(y_test, len(y_test) - limit_test, seed + 3)
+        sub, _ = _stratified(y_test, len(y_test) - limit_test, seed + 3, not regression)
         x_test, y_test = _take(x_test, sub), y_test[sub]
 
     norm: dict[str, Any]
@@ -587,23 +618,37 @@ def prepare(raw: RawData, split: SplitConfig, seed: int, limit: int | None = Non
         def transform(a: Any) -> np.ndarray:
             return apply_tabular(a if _is_table(a) else a.reshape(len(a), -1), norm)
 
-    n_classes = int(max(y_tr.max(), y_val.max(), y_test.max())) + 1
+    if regression:
+        # Trained on standardised targets (train mean and deviation); predictions are scaled back.
+        target = {"mean": float(y_tr.mean()), "std": float(y_tr.std()) or 1.0}
+
+        def scaled(t: np.ndarray) -> np.ndarray:
+            return ((t - target["mean"]) / target["std"]).astype(np.float32)
+
+        labels = (scaled(y_tr), scaled(y_val), scaled(y_test))
+        n_classes = 1  # one output
+    else:
+        labels = (y_tr, y_val, y_test)
+        n_classes = int(max(y_tr.max(), y_val.max(), y_test.max())) + 1
     prepared = Prepared(
-        train=Split(transform(x_tr), y_tr),
-        val=Split(transform(x_val), y_val),
-        test=Split(transform(x_test), y_test),
+        train=Split(transform(x_tr), labels[0]),
+        val=Split(transform(x_val), labels[1]),
+        test=Split(transform(x_test), labels[2]),
         meta={},
     )
     prepared.meta = {
         "kind": raw.kind,
         "input_shape": list(prepared.train.x.shape[1:]),
         "raw_input_shape": list(raw.x.shape[1:]),
-        "num_classes": n_classes,
-        "class_names": raw.class_names or [str(i) for i in range(n_classes)],
+        "task": raw.task,
+        "num_classes": n_classes,  # outputs of the model: classes, or 1 for regression
+        "class_names": [] if regression else raw.class_names or [str(i) for i in range(n_classes)],
         "normalization": norm,
         "samples": {s: len(getattr(prepared, s)) for s in SPLITS},
         "seed": seed,
     }
+    if regression:
+        prepared.meta["target"] = target
     if _is_table(raw.x):
         prepared.meta["columns"] = list(raw.x.columns)
         prepared.meta["raw_dtypes"] = {c: str(raw.x[c].dtype) for c in raw.x.columns}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shrinkfleet.config import GateConfig
+from shrinkfleet.metrics import quality
 
 
 @dataclass(frozen=True)
@@ -22,15 +23,23 @@ class GateFailure:
     def __str__(self) -> str:
         if self.metric == "accuracy_drop":
             return f"accuracy_drop {self.value * 100:.2f} > {self.limit * 100:.2f} pts"
+        if self.metric == "error_increase":
+            return f"error_increase {self.value * 100:+.1f}% > {self.limit * 100:.1f}% of the teacher's MAE"
         if self.metric == "size_bytes":
             return f"size_bytes {self.value:,.0f} > {self.limit:,.0f}"
         return f"{self.metric} {self.value:.3f} > {self.limit:.3f}"
 
 
 def check(metrics: dict[str, Any], gate: GateConfig) -> list[GateFailure]:
-    """Every limit of ``gate`` that the variant's metrics exceed (empty = it passes)."""
+    """Every limit of ``gate`` that the variant's metrics exceed (empty = it passes).
+
+    A classification variant is bounded by ``max_accuracy_drop``, a regression one by
+    ``max_error_increase`` (its MAE against the teacher's); both by size and latency.
+    """
+    quality = ({"error_increase": gate.max_error_increase} if "error_increase" in metrics
+               else {"accuracy_drop": gate.max_accuracy_drop})
     limits = {
-        "accuracy_drop": gate.max_accuracy_drop,
+        **quality,
         "size_bytes": gate.max_size_bytes,
         "latency_ms_p50": gate.max_latency_ms_p50,
     }
@@ -58,16 +67,16 @@ class Decision:
 def decide(variants: dict[str, dict[str, Any]], gate: GateConfig) -> Decision:
     """Gate every ``.tflite`` variant and pick the best passing one by ``gate.objective``.
 
-    Ties break towards higher accuracy, then smaller size, then name (deterministic).
+    Ties break towards better predictions (higher accuracy, lower MAE), then smaller size, then
+    name (deterministic). The ``accuracy`` objective means the lowest MAE for a regression model.
     """
     failures = {name: check(v, gate) for name, v in variants.items() if v["format"] == "tflite"}
     passing = [name for name, fails in failures.items() if not fails]
     if not passing:
         return Decision(None, failures)
-    sign = -1.0 if gate.objective == "accuracy" else 1.0
-
     def key(name: str) -> tuple:
         v = variants[name]
-        return (sign * float(v[gate.objective]), -float(v["accuracy"]), float(v["size_bytes"]), name)
+        first = -quality(v) if gate.objective == "accuracy" else float(v[gate.objective])
+        return (first, -quality(v), float(v["size_bytes"]), name)
 
     return Decision(min(passing, key=key), failures)

@@ -55,6 +55,7 @@ def lineage(model: str, ref: str | None = None) -> dict[str, Any]:
             "artifact": path,
             "dvc_md5": outs.get(path, ""),
             "accuracy": run.data.metrics.get("accuracy"),
+            "mae": run.data.metrics.get("mae"),  # regression models
             "size_bytes": run.data.metrics.get("size_bytes"),
         })
         variant = run.data.tags.get(f"{T}.parent_variant") or None

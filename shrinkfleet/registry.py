@@ -75,7 +75,7 @@ def actor() -> str:
 def content_hash(tflite: Path, preprocessing: dict[str, Any]) -> str:
     """SHA-256 of what serving depends on: the flatbuffer and the input preprocessing."""
     h = hashlib.sha256(tflite.read_bytes())
-    keep = {k: preprocessing[k] for k in ("normalization", "input_shape", "num_classes", "output")
+    keep = {k: preprocessing[k] for k in ("normalization", "input_shape", "num_classes", "output", "target")
             if k in preprocessing}
     h.update(json.dumps(keep, sort_keys=True).encode())
     return "sha256:" + h.hexdigest()

@@ -25,12 +25,13 @@ from typing import Any
 
 import pandas as pd
 
-from shrinkfleet.metrics import METRICS, pareto_front
+from shrinkfleet.metrics import metric_names, pareto_front, quality
 from shrinkfleet.storage import atomic_path, atomic_write_text
 from shrinkfleet.workspace import Workspace
 
 COLUMNS = [
-    "model", "variant", "format", "accuracy", "accuracy_drop", "size_bytes", "gzip_bytes",
+    "model", "variant", "format", "accuracy", "accuracy_drop", "mae", "rmse", "r2", "error_increase",
+    "size_bytes", "gzip_bytes",
     "compression_ratio", "coded_bytes", "coded_ratio", "student_ratio", "bits_per_nonzero",
     "sparsity", "params", "latency_ms_p50", "latency_ms_p95", "pareto", "recipe",
 ]
@@ -60,11 +61,20 @@ def variant_table(docs: dict[str, dict[str, Any]], gates: dict[str, dict[str, st
 
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
     """The table as people read it: accuracy in %, drop in points, ratios with an x."""
+    def shown(values: pd.Series, fmt: str, scale: float = 1.0) -> pd.Series:
+        return values.map(lambda v: "" if pd.isna(v) else fmt.format(v * scale))
+
     out = pd.DataFrame({
         "model": table["model"],
         "variant": table["variant"] + table["pareto"].map({True: " *", False: ""}),
-        "accuracy %": (table["accuracy"] * 100).map("{:.2f}".format),
-        "drop (pts)": (table["accuracy_drop"] * 100).map("{:+.2f}".format),
+    })
+    if table["accuracy"].notna().any():
+        out["accuracy %"] = shown(table["accuracy"], "{:.2f}", 100)
+        out["drop (pts)"] = shown(table["accuracy_drop"], "{:+.2f}", 100)
+    if table["mae"].notna().any():  # regression models: error in the label's units, increase vs the teacher
+        out["MAE"] = table["mae"].map(lambda v: "" if pd.isna(v) else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}")
+        out["MAE +%"] = shown(table["error_increase"], "{:+.1f}", 100)
+    out = out.assign(**{
         "bytes": table["size_bytes"].map("{:,.0f}".format),
         "ratio": table["compression_ratio"].map("{:.1f}x".format),
         "coded": table["coded_bytes"].map("{:,.0f}".format),
@@ -93,21 +103,27 @@ def plot_model(doc: dict[str, Any], path: Path, metadata: dict[str, str] | None 
 
     fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=100)
     front = doc.get("pareto_front", [])
+    regression = "mae" in doc["variants"]["teacher"]
+
+    def y(v: dict[str, Any]) -> float:
+        return v["mae"] if regression else v["accuracy"] * 100
+
     for name, v in doc["variants"].items():
         marker = "s" if v["format"] == "keras" else "o"
         colour = "tab:red" if name in front else "tab:blue"
-        ax.scatter(size(v), v["accuracy"] * 100, marker=marker, s=40, color=colour, zorder=3)
-        ax.annotate(name, (size(v), v["accuracy"] * 100), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.scatter(size(v), y(v), marker=marker, s=40, color=colour, zorder=3)
+        ax.annotate(name, (size(v), y(v)), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if front:
-        pts = sorted((size(doc["variants"][n]), doc["variants"][n]["accuracy"] * 100) for n in front)
+        pts = sorted((size(doc["variants"][n]), y(doc["variants"][n])) for n in front)
         ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="tab:red", alpha=0.6,
                 label="Pareto front")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper right" if regression else "lower right", fontsize=8)
     ax.set_xscale("log")
     _byte_ticks(ax.xaxis)
     ax.set_xlabel("coded bytes (entropy-coded flatbuffer, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{doc['model']}: accuracy vs coded size (squares: Keras, red: Pareto front)", y=1.0)
+    what = "MAE" if regression else "accuracy"
+    ax.set_ylabel("test MAE (label units)" if regression else "test accuracy (%)")
+    ax.set_title(f"{doc['model']}: {what} vs coded size (squares: Keras, red: Pareto front)", y=1.0)
     ax.grid(True, which="both", alpha=0.3)
     _margins(fig, left=0.7, bottom=0.6)
     _save(fig, path, metadata)
@@ -167,13 +183,15 @@ def plot_trend(trend: pd.DataFrame, model: str, path: Path) -> None:
     plt = _pyplot()
     t = trend.sort_values("time")
     fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=100)
-    ax.plot(t["time"], t["accuracy"] * 100, marker="o", color="tab:blue", label="accuracy %")
-    ax.set_ylabel("test accuracy (%)", color="tab:blue")
+    regression = t["accuracy"].isna().all() and t["mae"].notna().any()
+    score = t["mae"] if regression else t["accuracy"] * 100
+    ax.plot(t["time"], score, marker="o", color="tab:blue", label="MAE" if regression else "accuracy %")
+    ax.set_ylabel("test MAE" if regression else "test accuracy (%)", color="tab:blue")
     right = ax.twinx()
     right.plot(t["time"], t["coded_bytes"], marker="s", color="tab:red", label="coded bytes")
     _byte_ticks(right.yaxis)
     right.set_ylabel("coded bytes", color="tab:red")
-    for x, y, version in zip(t["time"], t["accuracy"] * 100, t["version"], strict=True):
+    for x, y, version in zip(t["time"], score, t["version"], strict=True):
         ax.annotate(f"v{version}", (x, y), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
     ax.set_title(f"{model}: production over the last {len(t)} run(s)", y=1.0)
     fig.autofmt_xdate()
@@ -312,16 +330,17 @@ def docs_from_mlflow(experiment_id: str, models: list[str] | None = None, since:
         variants = {}
         for vr in sorted(variant_runs, key=lambda r: r.info.start_time):
             tags, metrics = vr.data.tags, vr.data.metrics
-            if tags.get("shrinkfleet.kind") != "variant" or not set(METRICS) <= set(metrics):
+            task = "regression" if "mae" in metrics and "accuracy" not in metrics else "classification"
+            if tags.get("shrinkfleet.kind") != "variant" or not set(metric_names(task)) <= set(metrics):
                 continue
             variants[tags["shrinkfleet.variant"]] = {
-                **{k: metrics[k] for k in METRICS},
+                **{k: metrics[k] for k in metric_names(task)},
                 "format": tags.get("shrinkfleet.format", ""), "recipe": tags.get("shrinkfleet.recipe", ""),
                 "parent": tags.get("shrinkfleet.parent_variant") or None, "path": tags.get("shrinkfleet.artifact", ""),
             }
         if "teacher" not in variants:
             continue
-        front = pareto_front({n: (v["accuracy"], v["coded_bytes"]) for n, v in variants.items()})
+        front = pareto_front({n: (quality(v), v["coded_bytes"]) for n, v in variants.items()})
         for name, v in variants.items():
             v["pareto"] = name in front
         docs[model] = {"model": model, "variants": variants, "pareto_front": front,
@@ -334,19 +353,22 @@ def trends_from_mlflow(experiment_id: str, models: list[str] | None = None, sinc
                        last: int = 30) -> pd.DataFrame:
     """What ``production`` served after each of the last ``last`` runs of each model.
 
-    Columns: model, time, run_id, version, accuracy, coded_bytes, size_bytes, compression_ratio.
+    Columns: model, time, run_id, version, accuracy (or, for regression, mae), coded_bytes,
+    size_bytes, compression_ratio.
     """
     rows = []
     for run in _runs(experiment_id, "tags.`shrinkfleet.kind` = 'model'", since):
         model, metrics = run.data.tags.get("shrinkfleet.model", ""), run.data.metrics
         version = run.data.tags.get("shrinkfleet.production_version")
-        if version is None or (models and model not in models) or "production_accuracy" not in metrics:
+        scored = "production_accuracy" in metrics or "production_mae" in metrics
+        if version is None or (models and model not in models) or not scored:
             continue
         rows.append({"model": model, "time": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC"),
                      "run_id": run.info.run_id, "version": int(version),
                      **{k: metrics.get(f"production_{k}", float("nan"))
-                        for k in ("accuracy", "coded_bytes", "size_bytes", "compression_ratio")}})
-    cols = ["model", "time", "run_id", "version", "accuracy", "coded_bytes", "size_bytes", "compression_ratio"]
+                        for k in ("accuracy", "mae", "coded_bytes", "size_bytes", "compression_ratio")}})
+    cols = ["model", "time", "run_id", "version", "accuracy", "mae", "coded_bytes", "size_bytes",
+            "compression_ratio"]
     table = pd.DataFrame(rows, columns=cols)
     if table.empty:
         return table
@@ -453,6 +475,7 @@ LEGEND = [
     "TFLite flatbuffer (Keras variants as float32); ratio = teacher bytes / variant bytes; coded = the",
     "entropy-coded flatbuffer (decodes to the same bytes); coded ratio = teacher bytes / coded bytes;",
     "bits/nz = weight bits per non-zero weight; * = on the Pareto front of accuracy vs coded bytes.",
+    "Regression models: MAE on the test split in the label's units, MAE +% = its increase vs the teacher's.",
 ]
 
 
@@ -463,16 +486,19 @@ def _registry_line(reg: dict[str, Any]) -> str:
 
 
 def _front_line(doc: dict[str, Any]) -> str:
-    return ", ".join(f"{n} ({doc['variants'][n]['accuracy'] * 100:.2f}%, {doc['variants'][n]['coded_bytes']:,.0f} B)"
+    def score(v: dict[str, Any]) -> str:
+        return f"MAE {v['mae']:.4g}" if "mae" in v else f"{v['accuracy'] * 100:.2f}%"
+
+    return ", ".join(f"{n} ({score(doc['variants'][n])}, {doc['variants'][n]['coded_bytes']:,.0f} B)"
                      for n in doc.get("pareto_front", []))
 
 
 def _write_plot_data(ws: Workspace, table: pd.DataFrame | None, trends: pd.DataFrame | None) -> None:
     """The plotted numbers as CSV, which dvc.yaml declares as plots (``dvc plots show``)."""
-    cols = ["model", "variant", "accuracy", "coded_bytes", "size_bytes", "compression_ratio", "pareto"]
+    cols = ["model", "variant", "accuracy", "mae", "coded_bytes", "size_bytes", "compression_ratio", "pareto"]
     variants = table[cols] if table is not None else pd.DataFrame(columns=cols)
     atomic_write_text(ws.reports / "variants.csv", variants.to_csv(index=False))
-    tcols = ["model", "time", "version", "accuracy", "coded_bytes"]
+    tcols = ["model", "time", "version", "accuracy", "mae", "coded_bytes"]
     t = trends[tcols] if trends is not None and not trends.empty else pd.DataFrame(columns=tcols)
     atomic_write_text(ws.reports / "trends.csv", t.to_csv(index=False))
 

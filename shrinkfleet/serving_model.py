@@ -11,7 +11,8 @@ or a pandas DataFrame. A table's model takes a DataFrame of its raw columns by n
 columns as strings; a category the train split never had is encoded as all zeros, with a
 warning). The model applies the dataset's normalisation (saved with the version), quantizes
 for int8 models, and returns class probabilities, ``n x classes``: the softmax of a model's
-logits, or its own probabilities when it ends in a softmax or a sigmoid.
+logits, or its own probabilities when it ends in a softmax or a sigmoid. A regression model
+returns one number per row, in the label's own units.
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ class TFLiteClassifier(mlflow.pyfunc.PythonModel):
                 y = (y - zero) * scale
             outs.append(y)
         out = np.concatenate(outs)
+        if self.meta.get("task") == "regression":  # in the label's own units
+            target = self.meta["target"]
+            return out[:, 0].astype(np.float64) * target["std"] + target["mean"]
         kind = self.meta.get("output", "logits")  # what the model ends in (shrinkfleet.zoo.output_kind)
         if kind == "sigmoid":  # one unit: the probability of class 1
             p = np.clip(out[:, :1], 0.0, 1.0)

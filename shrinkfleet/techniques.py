@@ -51,8 +51,9 @@ def positive_zeros(model: keras.Model) -> keras.Model:
 def _fit(model: keras.Model, kind: str, data: Prepared, epochs: int, batch_size: int, learning_rate: float,
          seed: int) -> None:
     # ``kind``: the unwrapped model's output (TFMOT's wrappers hide the last layer's activation).
-    training.fit(model, data.train.x, data.train.y, (data.val.x, data.val.y), loss=training.loss_for(kind),
-                 metrics=["accuracy"], epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+    loss, metrics = training.objective(kind, data.task)
+    training.fit(model, data.train.x, data.train.y, (data.val.x, data.val.y), loss=loss,
+                 metrics=metrics, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                  patience=0, seed=seed)
 
 

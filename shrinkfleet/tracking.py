@@ -196,7 +196,7 @@ def log_model(
                 params = {"variant": variant, "recipe": v["recipe"][:6000], **_params_for(cfg, sections), **steps}
                 # Params and metrics in one batch: one write to the store instead of two.
                 now = int(time.time() * 1000)
-                client.log_batch(vrun.info.run_id, metrics=[Metric(m, float(v[m]), now, 0) for m in METRICS],
+                client.log_batch(vrun.info.run_id, metrics=[Metric(m, float(v[m]), now, 0) for m in METRICS if m in v],
                                  params=[Param(k, str(val)) for k, val in params.items()])
                 mlflow.log_input(dataset, context="evaluation")
                 if artifact.is_file():
@@ -230,8 +230,8 @@ def log_pyfunc(tflite: Path, meta_path: Path, output: str = "logits") -> str:
     from mlflow.types.schema import Schema, TensorSpec
 
     meta = serving_meta(meta_path, output)
-    signature = ModelSignature(inputs=_input_schema(meta), outputs=Schema(
-        [TensorSpec(np.dtype(np.float32), (-1, int(meta["num_classes"])))]))
+    shape = (-1,) if meta.get("task") == "regression" else (-1, int(meta["num_classes"]))
+    signature = ModelSignature(inputs=_input_schema(meta), outputs=Schema([TensorSpec(np.dtype(np.float32), shape)]))
     with tempfile.TemporaryDirectory(prefix="shrinkfleet-pyfunc-") as tmp:
         preprocessing = Path(tmp) / "preprocessing.json"
         preprocessing.write_text(json.dumps(meta, indent=2, sort_keys=True))

@@ -108,6 +108,20 @@ def tf_as_logits(out: Any, kind: str) -> Any:
     return tf.math.log(tf.clip_by_value(out, 1e-7, 1.0))
 
 
+def objective(kind: str, task: str = "classification") -> tuple[keras.losses.Loss, list[Any]]:
+    """The loss and the metric to train with: cross-entropy and accuracy, or (regression) MSE and MAE."""
+    if task == "regression":
+        return keras.losses.MeanSquaredError(), ["mae"]
+    return loss_for(kind), ["accuracy"]
+
+
+def score(model: keras.Model, x: np.ndarray, y: np.ndarray, task: str = "classification") -> dict[str, float]:
+    """A stage's summary of how good a model is on a split: ``accuracy``, or (regression) ``mae`` (standardised)."""
+    if task == "regression":
+        return {"mae": float(np.mean(np.abs(outputs(model, x)[:, 0] - y)))}
+    return {"accuracy": accuracy(model, x, y)}
+
+
 def loss_for(kind: str) -> keras.losses.Loss:
     """The training loss for integer class labels and a model whose output is ``kind``."""
     if kind == "sigmoid":

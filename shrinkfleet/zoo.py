@@ -218,7 +218,8 @@ def check_fits(model: keras.Model, input_shape: Sequence[int], num_classes: int,
     if output_kind(model) == "sigmoid" and num_classes == 2:
         return
     if outputs != num_classes:
-        raise ArchError(f"{what}: has {outputs} output(s), the dataset has {num_classes} classes")
+        wanted = "a regression model has 1" if num_classes == 1 else f"the dataset has {num_classes} classes"
+        raise ArchError(f"{what}: has {outputs} output(s), {wanted}")
 
 
 def output_kind(model: keras.Model) -> str:

@@ -1,11 +1,12 @@
 """distill: train the small student from the teacher's softened outputs (knowledge distillation).
 
-Loss (Hinton et al., 2015):
+Classification loss (Hinton et al., 2015):
 ``alpha * CE(y, s) + (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T))``.
 The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones
-when T changes. Models that end in a softmax or a sigmoid take part through the log of their
-probabilities (:func:`shrinkfleet.training.as_logits`), never through a second softmax of
-probabilities. A pretrained student (``arch: pretrained``) is used as it is, not trained.
+when T changes. Regression: ``alpha * MSE(y, s) + (1 - alpha) * MSE(t, s)``, the teacher's
+outputs as soft targets (temperature unused). Models that end in a softmax or a sigmoid take
+part through the log of their probabilities (:func:`shrinkfleet.training.as_logits`), never
+through a second softmax of probabilities. A pretrained student (``arch: pretrained``) is used as it is, not trained.
 """
 
 from __future__ import annotations
@@ -50,6 +51,25 @@ class _PackedKD(keras.losses.Loss):
         return distillation_loss(y_packed[:, 0], y_packed[:, 1:], student_logits, self.temperature, self.alpha)
 
 
+class _PackedRegressionKD(keras.losses.Loss):
+    def __init__(self, alpha: float):
+        super().__init__(name="distillation")
+        self.alpha = alpha
+
+    def call(self, y_packed, student_out):
+        s = tf.cast(student_out[:, 0], tf.float32)
+        hard = tf.reduce_mean(tf.square(y_packed[:, 0] - s))
+        soft = tf.reduce_mean(tf.square(y_packed[:, 1] - s))
+        return self.alpha * hard + (1.0 - self.alpha) * soft
+
+
+def _packed_mae(y_packed, student_out):
+    return tf.abs(y_packed[:, 0] - tf.cast(student_out[:, 0], tf.float32))
+
+
+_packed_mae.__name__ = "mae"
+
+
 def _packed_accuracy_for(kind: str):
     def accuracy(y_packed, student_out):
         labels = tf.cast(y_packed[:, 0], tf.int64)
@@ -69,18 +89,22 @@ def distill(
     ``mixed_precision`` trains in mixed_float16; the returned student has float32 layers.
     ``root`` is where a custom builder is imported from.
     """
-    t_train = training.logits(teacher, data.train.x)
-    t_val = training.logits(teacher, data.val.x)
+    regression = data.task == "regression"
+    soft = training.outputs if regression else training.logits
+    t_train, t_val = soft(teacher, data.train.x), soft(teacher, data.val.x)
     reset(seed)
     with precision(mixed_precision):
         student = zoo.build(arch, data.input_shape, data.num_classes, name=name, root=root)
         kind = zoo.output_kind(student)
-        accuracy = _packed_accuracy_for(kind)
-        accuracy.__name__ = "accuracy"
+        if regression:
+            loss, metric = _PackedRegressionKD(cfg.alpha), _packed_mae
+        else:
+            loss, metric = _PackedKD(cfg.temperature, cfg.alpha, kind), _packed_accuracy_for(kind)
+            metric.__name__ = "accuracy"
         history = training.fit(
             student, data.train.x, pack_targets(data.train.y, t_train),
             (data.val.x, pack_targets(data.val.y, t_val)),
-            loss=_PackedKD(cfg.temperature, cfg.alpha, kind), metrics=[accuracy], epochs=cfg.epochs,
+            loss=loss, metrics=[metric], epochs=cfg.epochs,
             batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, patience=cfg.patience, seed=seed,
         )
     return zoo.as_float32(student, arch, data.input_shape, data.num_classes, root=root), history
@@ -105,7 +129,7 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
     zoo.save(student, ctx.ws.keras(model_name, "student"))
     return {
         "epochs": len(history["loss"]),
-        "val_accuracy": training.accuracy(student, data.val.x, data.val.y),
+        **{f"val_{k}": v for k, v in training.score(student, data.val.x, data.val.y, data.task).items()},
         "params": int(student.count_params()),
         "devices": ",".join(gpus) or "cpu",
         "mixed_precision": mixed,

@@ -1,7 +1,10 @@
 """evaluate: measure every variant of one model and write metrics/<model>.json.
 
 For each variant (teacher, student, pruned, every .tflite): ``accuracy`` on the test
-split, ``accuracy_drop`` vs the teacher (both fractions, 0.01 = one point),
+split, ``accuracy_drop`` vs the teacher (both fractions, 0.01 = one point), or for a
+regression model ``mae``, ``rmse`` and ``r2`` in the label's own units (predictions scaled
+back from the standardised targets; int8 outputs dequantized first) and ``error_increase``
+(MAE vs the teacher's, a fraction of it),
 ``size_bytes`` (TFLite flatbuffer; Keras variants as their float32 conversion),
 ``gzip_bytes``, ``compression_ratio`` (teacher bytes / variant bytes), ``sparsity``
 (zero share of the stored Dense/Conv weights), ``params`` and single-sample latency
@@ -14,17 +17,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shrinkfleet import coding, training, zoo
 from shrinkfleet import evaluation as ev
 from shrinkfleet.config import PretrainedArch, ResolvedModel
 from shrinkfleet.datasets import Prepared, load_prepared
-from shrinkfleet.metrics import METRICS, pareto_front
+from shrinkfleet.metrics import metric_names, pareto_front
+from shrinkfleet.metrics import quality as quality_of
 from shrinkfleet.storage import atomic_write_text
 from shrinkfleet.techniques import skipped_layers
 from shrinkfleet.tfenv import keras, reset
 from tasks.common import StageContext
 
-METRIC_NAMES = METRICS
 CODED = ("coded_bytes", "huffman_bytes", "range_bytes", "zlib_bytes", "zstd_bytes", "bits_per_nonzero")
 def keras_parents(cfg: ResolvedModel) -> dict[str, str | None]:
     """The parent of each Keras variant in the chain (the pruned model's: the student, or the teacher)."""
@@ -42,6 +47,20 @@ def recipes(cfg: ResolvedModel) -> dict[str, str]:
             "pruned": f"{teacher} > {prune}" if cfg.student_arch is None else f"{student} > {prune}"}
 
 
+def quality(predict: Any, data: Prepared, kind: str) -> dict[str, float]:
+    """How good ``predict``'s outputs are on the test split: accuracy, or MAE, RMSE and R^2 in label units."""
+    out = np.asarray(predict(data.test.x), dtype=np.float64)
+    if data.task != "regression":
+        return {"accuracy": float(np.mean(training.as_logits(out, kind).argmax(axis=1) == data.test.y))}
+    target = data.meta["target"]
+    pred = out[:, 0] * target["std"] + target["mean"]
+    true = data.test.y.astype(np.float64) * target["std"] + target["mean"]
+    err = pred - true
+    total = float(np.sum((true - true.mean()) ** 2))
+    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err ** 2))),
+            "r2": 1.0 - float(np.sum(err ** 2)) / total if total > 0 else 0.0}
+
+
 def measure_keras(model: keras.Model, data: Prepared, runs: int, warmup: int) -> dict[str, float]:
     """Metrics of a Keras variant (size measured on its float32 flatbuffer)."""
     traced = ev.inference_function(model)  # one trace for the conversion, the latency and the accuracy
@@ -54,7 +73,7 @@ def measure_keras(model: keras.Model, data: Prepared, runs: int, warmup: int) ->
         **{k: coded[k] for k in CODED},
         "runtime": "tf.function",
         "output": kind,
-        "accuracy": ev.accuracy_of(lambda x: training.as_logits(call(x), kind), data.test.x, data.test.y),
+        **quality(call, data, kind),
         "size_bytes": len(content),
         "gzip_bytes": ev.gzip_size(content),
         "sparsity": ev.kernel_sparsity(model),
@@ -78,13 +97,13 @@ def measure_tflite(path: Path, data: Prepared, runs: int, warmup: int, coded: Pa
         if coding.decode(blob) != model.content:
             raise RuntimeError(f"{coded}: does not decode to {path.name} byte for byte")
         sizes["coded_bytes"] = len(blob)
-    acc = ev.accuracy_of(lambda x: training.as_logits(model.predict(x), kind), data.test.x, data.test.y)
+    scores = quality(model.predict, data, kind)
     lat = ev.latency(model, data.test.x, runs, warmup)
     return {
         **{k: sizes[k] for k in CODED},
         "runtime": model.runtime,
         "output": kind,
-        "accuracy": acc,
+        **scores,
         "size_bytes": len(model.content),
         "gzip_bytes": ev.gzip_size(model.content),
         "sparsity": ev.tflite_sparsity(model),
@@ -126,11 +145,14 @@ def evaluate(ctx: StageContext, model_name: str) -> dict[str, Any]:
     teacher = variants["teacher"]
     student = variants.get("student", teacher)  # no student: ratios against the model compression started from
     for v in variants.values():
-        v["accuracy_drop"] = teacher["accuracy"] - v["accuracy"]
+        if data.task == "regression":
+            v["error_increase"] = (v["mae"] - teacher["mae"]) / teacher["mae"] if teacher["mae"] > 0 else 0.0
+        else:
+            v["accuracy_drop"] = teacher["accuracy"] - v["accuracy"]
         v["compression_ratio"] = teacher["size_bytes"] / v["size_bytes"]
         v["coded_ratio"] = teacher["size_bytes"] / v["coded_bytes"]
         v["student_ratio"] = student["size_bytes"] / v["coded_bytes"]
-    front = pareto_front({n: (v["accuracy"], v["coded_bytes"]) for n, v in variants.items()})
+    front = pareto_front({n: (quality_of(v), v["coded_bytes"]) for n, v in variants.items()})
     return {
         "model": model_name,
         "dataset": cfg.dataset_name,
@@ -138,8 +160,9 @@ def evaluate(ctx: StageContext, model_name: str) -> dict[str, Any]:
         "test_samples": len(data.test),
         "teacher_bytes": teacher["size_bytes"],
         "pareto_front": front,
+        "task": data.task,
         "variants": {name: {**{k: v[k] for k in ("format", "path", "parent", "recipe", "runtime", "output",
-                                                  *METRIC_NAMES)},
+                                                  *metric_names(data.task))},
                             "pareto": name in front, "search": v.get("search"), "settings": v.get("settings", {}),
                             "skipped": v.get("skipped", {})}
                      for name, v in variants.items()},

@@ -79,9 +79,10 @@ def prune(model: keras.Model, cfg: PruneConfig, data: Prepared, seed: int) -> ke
         return sparsity.prune_low_magnitude(layer, pruning_schedule=schedule(targets[layer.name]), **m_by_n)
 
     wrapped = keras.models.clone_model(base, clone_function=wrap)
+    loss, metrics = training.objective(kind, data.task)
     training.fit(
         wrapped, data.train.x, data.train.y, (data.val.x, data.val.y),
-        loss=training.loss_for(kind), metrics=["accuracy"], epochs=cfg.epochs, batch_size=cfg.batch_size,
+        loss=loss, metrics=metrics, epochs=cfg.epochs, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, patience=0, seed=seed, callbacks=[sparsity.UpdatePruningStep()],
     )
     stripped = sparsity.strip_pruning(wrapped)
@@ -152,5 +153,6 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
         if not np.isclose(reached, target, atol=0.02):
             raise RuntimeError(f"prune: reached sparsity {reached:.3f}, target {target}; check prune.frequency")
     zoo.save(pruned, ctx.ws.keras(model_name, "pruned"))
-    return {"sparsity": kernel_sparsity(pruned), "val_accuracy": training.accuracy(pruned, data.val.x, data.val.y),
+    return {"sparsity": kernel_sparsity(pruned),
+            **{f"val_{k}": v for k, v in training.score(pruned, data.val.x, data.val.y, data.task).items()},
             "from": cfg.base, "skipped_layers": skipped_layers(base, "prune"), "note": note}

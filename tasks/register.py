@@ -61,7 +61,8 @@ def version_tags(
     for name in _chain(doc, variant):
         tags[f"{t}.run.{name}"] = logged.variant_run_ids[name]
     for metric in tracking.METRICS:
-        tags[f"{t}.metric.{metric}"] = repr(float(v[metric]))
+        if metric in v:  # the metrics of the model's task
+            tags[f"{t}.metric.{metric}"] = repr(float(v[metric]))
     # Content addresses for `shrinkfleet restore`: the dataset folder (DVC .dir hash) and each
     # artifact of the chain as a file md5 (what DVC's cache stores it under).
     outs = {}

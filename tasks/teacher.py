@@ -29,9 +29,10 @@ def train_teacher(
     reset(seed)
     with precision(mixed_precision):
         model = zoo.build(arch, data.input_shape, data.num_classes, name=name, root=root)
+        loss, metrics = training.objective(zoo.output_kind(model), data.task)
         history = training.fit(
             model, data.train.x, data.train.y, (data.val.x, data.val.y),
-            loss=training.sparse_ce(model), metrics=["accuracy"], epochs=cfg.epochs, batch_size=cfg.batch_size,
+            loss=loss, metrics=metrics, epochs=cfg.epochs, batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate, patience=cfg.patience, seed=seed,
         )
     return zoo.as_float32(model, arch, data.input_shape, data.num_classes, root=root), history
@@ -59,7 +60,7 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
     zoo.save(model, ctx.ws.keras(model_name, "teacher"))
     return {
         "epochs": len(history["loss"]),
-        "val_accuracy": training.accuracy(model, data.val.x, data.val.y),
+        **{f"val_{k}": v for k, v in training.score(model, data.val.x, data.val.y, data.task).items()},
         "params": int(model.count_params()),
         "devices": ",".join(gpus) or "cpu",
         "mixed_precision": mixed,

@@ -62,3 +62,43 @@ def test_a_table_and_an_image_folder_run_as_a_fleet_and_serve_raw_inputs(tmp_pat
     assert out.shape == (80, 2)
     assert np.mean(out.argmax(axis=1) == images.y) > 0.8  # bright left half or right half
     assert tuple(photos.metadata.get_input_schema().inputs[0].shape) == (-1, 12, 12, 3)
+
+
+def test_a_regression_table_runs_gates_on_error_and_serves_prices_in_their_units(tmp_path):
+    from tests.shrinkfleet.test_sources import houses
+
+    params = quick_params(("digits-mlp",))
+    params["teacher"]["epochs"] = params["distill"]["epochs"] = 30
+    params["prune"].update(epochs=4, target_sparsity=0.3)
+    params["gate"] = {"max_error_increase": 10.0}  # the route, not how good tiny models get
+    params["datasets"] = {"houses": {"source": "csv", "path": "data/raw/houses.csv", "label": "price",
+                                     "task": "regression"}}
+    params["models"] = {"houses-mlp": {"dataset": "houses", "teacher": {"arch": "mlp", "hidden": [32]},
+                                       "student": {"arch": "mlp", "hidden": [16]}}}
+    project = make_project(tmp_path / "project", params)
+    (project / "data" / "raw").mkdir(parents=True)
+    table = houses(600)
+    table.to_csv(project / "data" / "raw" / "houses.csv", index=False)
+
+    result = shrinkfleet_cmd("run", cwd=project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MAE +%" in result.stdout and "accuracy %" not in result.stdout
+
+    import json
+
+    doc = json.loads((project / "metrics" / "houses-mlp.json").read_text())
+    teacher = doc["variants"]["teacher"]
+    assert doc["task"] == "regression" and {"mae", "rmse", "r2", "error_increase"} <= set(teacher)
+    assert "accuracy" not in teacher
+    assert teacher["r2"] > 0.8 and teacher["mae"] < 15_000  # prices span about 200,000; noise 5,000
+    for v in doc["variants"].values():
+        assert v["error_increase"] == pytest.approx((v["mae"] - teacher["mae"]) / teacher["mae"])
+
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    served = mlflow.pyfunc.load_model("models:/houses-mlp@production")
+    prices = np.asarray(served.predict(table.drop(columns="price")))
+    assert prices.shape == (600,)
+    version = mlflow.MlflowClient().get_model_version_by_alias("houses-mlp", "production")
+    served_mae = float(version.tags["shrinkfleet.metric.mae"])
+    assert np.mean(np.abs(prices - table["price"].to_numpy())) == pytest.approx(served_mae, rel=0.35)
+    assert 100_000 < prices.mean() < 250_000  # in the label's units, not standardised

@@ -192,3 +192,47 @@ def test_bad_dataset_settings_name_their_key(tiny_params, spec, message):
     tiny_params["datasets"]["mine"] = spec
     with pytest.raises(ConfigError, match=message):
         parse_params(tiny_params)
+
+
+def houses(n: int = 300, seed: int = 0) -> pd.DataFrame:
+    """Prices: a linear rule of area and rooms, a step per city, and noise."""
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"area": rng.uniform(30, 200, n).round(1), "rooms": rng.integers(1, 6, n),
+                       "city": rng.choice(["north", "south", "east"], n)})
+    df["price"] = (1000 * df["area"] + 5000 * df["rooms"] + df["city"].map({"north": 0, "south": 2e4, "east": 5e4})
+                   + rng.normal(0, 5000, n))
+    return df
+
+
+def test_a_regression_table_keeps_its_numbers_and_standardises_the_target(tmp_path):
+    path = tmp_path / "houses.csv"
+    houses().to_csv(path, index=False)
+    raw = load_table(path, "csv", "price", task="regression")
+    assert raw.task == "regression" and raw.y.dtype == np.float64 and raw.class_names == []
+    prepared = prepare(raw, SplitConfig(), seed=0, features=FeatureConfig(select_k=3))
+    target = prepared.meta["target"]
+    assert prepared.meta["task"] == "regression" and prepared.num_classes == 1
+    assert 100_000 < target["mean"] < 250_000
+    np.testing.assert_allclose(prepared.train.y.mean(), 0, atol=1e-5)
+    np.testing.assert_allclose(prepared.train.y.std(), 1, atol=1e-4)
+    # mutual information with a number: area, the city's strongest one-hot column, ... kept
+    names = np.array(prepared.meta["normalization"]["encoding"]["feature_names"])
+    assert "area" in names[prepared.meta["normalization"]["select"]]
+
+
+def test_a_regression_label_must_be_numbers(tmp_path):
+    df = houses().assign(price="expensive")
+    with pytest.raises(DatasetError, match="a regression label must be numbers"):
+        load_table(_csv(tmp_path, df), "csv", "price", task="regression")
+
+
+def test_an_npz_regression_dataset(tmp_path):
+    from shrinkfleet.datasets import load_npz
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 4))
+    np.savez(tmp_path / "r.npz", x=x, y=x @ [1.0, -2.0, 0.5, 0.0] + 3.0)
+    raw = load_npz(tmp_path / "r.npz", "tabular", "regression")
+    prepared = prepare(raw, SplitConfig(), seed=0)
+    assert prepared.task == "regression" and prepared.train.y.dtype == np.float32
+    assert len(prepared.train) + len(prepared.val) + len(prepared.test) == 120
