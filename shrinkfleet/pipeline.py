@@ -71,6 +71,12 @@ STAGE_KINDS = tuple(KINDS)
 MODEL_STAGE_KINDS = STAGE_KINDS[1:]
 
 
+def _code(kind: StageKind, root: Path) -> list[str]:
+    """The stage's code files, where the project holds them (a clone of shrinkfleet does; a project
+    folder of yours that uses an installed shrinkfleet does not, and is versioned by the install)."""
+    return [c for c in kind.code if (root / c).is_file()]
+
+
 def stage_name(kind: str, target: str) -> str:
     """The DVC stage of one kind for one dataset or model: ``prepare-digits``, ``teacher-digits-cnn``."""
     return f"{kind}-{target}"
@@ -156,7 +162,7 @@ def stages(fleet: FleetConfig, root: Path | None = None) -> dict[str, dict[str, 
             cmd += f" --sklearn-version {sklearn_version()}"
         out[stage_name("prepare", ds)] = {
             "cmd": cmd,
-            "deps": [*kind.code, *raw_inputs(fleet, ds)],
+            "deps": [*_code(kind, root), *raw_inputs(fleet, ds)],
             "params": [s for s in kind.sections if _present(fleet, s)] + [f"datasets.{ds}"],
             "outs": [f"data/prepared/{ds}"],
         }
@@ -186,7 +192,8 @@ def stages(fleet: FleetConfig, root: Path | None = None) -> dict[str, dict[str, 
             kind = KINDS[name]
             params = [s for s in kind.sections if _present(fleet, s)]
             params += [f"models.{m}.{k}" for k in kind.model_keys if k in spec.model_fields_set]
-            stage: dict[str, Any] = {"cmd": f"shrinkfleet stage {name} {m}", "deps": [*kind.code, *inputs[name]],
+            stage: dict[str, Any] = {"cmd": f"shrinkfleet stage {name} {m}",
+                                     "deps": [*_code(kind, root), *inputs[name]],
                                      "params": params}
             if name == "evaluate":
                 stage["metrics"] = [{f"metrics/{m}.json": {"cache": False}}]
