@@ -66,6 +66,20 @@ def rows() -> list[tuple[str, ...]]:
                         f"{r['float32_bytes']:,} -> {best['coded_bytes']:,} B = **{best['ratio']:.1f}x**, "
                         f"test accuracy drop {best['test_drop_pts']:+.2f} pts",
                         ">= 50x at <= 0.5 pts", "yes" if ok else "**no**", _when(doc)))
+    if doc := _load("byo"):
+        for name, m in doc["models"].items():
+            student = "no student" if name == "byo-null" else "MobileNetV2 student"
+            out.append((f"Your own model ({name}: user CNN on MNIST PNGs, {student})",
+                        f"{m['float_bytes']:,} -> {m['coded_bytes']:,} B = **{m['ratio']:.1f}x** ({m['variant']}), "
+                        f"drop {m['accuracy_drop'] * 100:+.2f} pts, run {m['wall_seconds']:.0f} s",
+                        ">= 10x at <= 1 pt" if name == "byo-null" else "reported",
+                        _ok(doc) if name == "byo-null" else "-", _when(doc)))
+    if doc := _load("tables"):
+        out.append((f"Prepare a table ({doc['rows']:,} rows x {doc['columns']} columns, Parquet)",
+                    f"{doc['prepare_seconds']:.1f} s; peak {doc['peak_rss_mb']:.0f} MB, baseline "
+                    f"{doc['baseline_peak_rss_mb']:.0f} MB: **{doc['peak_over_table']:.2f}x** the table "
+                    f"({doc['table_bytes_in_memory'] / 2**20:.0f} MB)",
+                    f"<= {doc['goal']:g}x", _ok(doc), _when(doc)))
     return out
 
 
