@@ -16,6 +16,7 @@ which model failed at which stage.
 import contextlib
 import datetime as dt
 import heapq
+import logging
 import os
 import threading
 import time
@@ -29,7 +30,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from shrinkfleet import locks, pipeline, remote, report, storage, tracking, versioning
-from shrinkfleet.config import ConfigError, RunConfig, load_params, select_models
+from shrinkfleet.config import ConfigError, RunConfig, load_params, load_snapshot, select_models
 from shrinkfleet.pipeline import stage_name
 from shrinkfleet.workspace import Workspace
 from tasks import register
@@ -43,6 +44,8 @@ from tasks.stages import (
     prune_task,
     teacher_task,
 )
+
+log = logging.getLogger("shrinkfleet")
 
 MODEL_TASKS = (
     ("teacher", teacher_task),
@@ -400,7 +403,8 @@ def fleet_flow(
     root_p = Path(root).resolve()
     params_p = Path(params_file)
     params_p = (params_p if params_p.is_absolute() else root_p / params_p).resolve()
-    fleet = load_params(params_p)
+    snapshot = load_snapshot(params_p)  # read once: every stage of this run gets this, never the file
+    fleet = snapshot.fleet
     names = select_models(fleet.model_names(), models)
     run_cfg = resolve_run(fleet.run, workers, engine, dask_address)
     trigger = detect_trigger(trigger)
@@ -408,7 +412,7 @@ def fleet_flow(
     use_dvc = use_dvc and versioning.is_dvc_repo(root_p) and params_p == (root_p / "params.yaml").resolve()
     opts = {"retries": fleet.run.retries, "retry_delay_seconds": fleet.run.retry_delay_seconds,
             "retry_condition_fn": _transient}
-    common = {"root": str(root_p), "params_file": str(params_p), "use_dvc": use_dvc, "force": force}
+    common = {"root": str(root_p), "config": snapshot, "use_dvc": use_dvc, "force": force}
 
     with locks.run_lock(root_p, if_busy, on_wait=_waiting):
         return _locked_run(root_p, params_p, fleet, names, run_cfg, trigger, ws, use_dvc, opts, common, force)
@@ -503,9 +507,14 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
             "shrinkfleet.dask_address": run_cfg.dask_address or "",
             "shrinkfleet.models": ",".join(names),
             "shrinkfleet.dvc": str(use_dvc),
+            "shrinkfleet.config_digest": common["config"].digest,
             **tracking.workspace_tags(root_p),
         }
         parent_run_id = stack.enter_context(tracking.fleet_run(experiment_id, tags))
+        import mlflow
+
+        # The settings every stage of this run used, every default filled in (its digest is the tag above).
+        mlflow.log_text(common["config"].to_json(), "config/params.resolved.json")
         # A thread of its own draws each finished model's plots (about 0.7 s for two), so this loop
         # goes on handing out stages meanwhile instead of leaving a worker without one.
         plotter = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="shrinkfleet-plots"))
@@ -567,7 +576,6 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
             "models": f"{len(names) - len(failures)} of {len(names)} finished",
             "MLflow run": parent_run_id,
         }, outcomes={m: results[m] for m in docs}, trends=report.trends_from_mlflow(experiment_id, names))
-        import mlflow
 
         mlflow.log_artifacts(str(path.parent), artifact_path="report")
         mlflow.log_metrics({"models_ok": len(names) - len(failures), "models_failed": len(failures)})
@@ -579,8 +587,10 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
 
 def _draw_model_plots(ws: Workspace, model: str) -> None:
     """A finished model's plots, ahead of the report (which draws them itself, and says why, if this could not)."""
-    with contextlib.suppress(Exception):
+    try:
         report.model_plots(ws, model, report.load_metrics(ws, [model])[model])
+    except Exception as exc:  # (the report draws it again, and says there what went wrong)
+        log.debug("%s: plots not drawn ahead of the report: %s: %s", model, type(exc).__name__, exc)
 
 
 def _tag_model_run(run_id: str, workers: dict[str, str], reason: str) -> None:
@@ -695,8 +705,10 @@ def run_fleet(
         discard_early()
         return fleet_flow.fn(**kwargs)
     try:
-        with contextlib.suppress(Exception):  # (a bad ``run:`` is the flow's to report, naming the key)
+        try:
             start_workers_early(resolve_run(load_params(params_file).run, workers, engine, dask_address))
+        except ConfigError as exc:  # (a bad ``run:`` is the flow's to report, naming the key)
+            log.debug("workers not started early: %s", exc)
         with prefect_api():
             return fleet_flow(**kwargs)
     finally:
@@ -724,5 +736,5 @@ def launch_server_early(params_file: Path, root: Path, models: list[str] | None,
     try:
         if not configured_api() and needs_prefect_run(params_file, root, models, use_dvc, force):
             launch_early()
-    except Exception:  # (a broken project is reported by preflight, with its cause)
-        pass
+    except Exception as exc:  # (a broken project is reported by preflight, with its cause)
+        log.debug("no early Prefect server: %s: %s", type(exc).__name__, exc)

@@ -660,20 +660,29 @@ def promote(
     params: ParamsOpt = None,
     root: RootOpt = Path("."),
 ) -> None:
-    """Move production to a version; refuses one that fails the gate unless --force."""
+    """Move production to a version; refuses one that fails the gate unless --force.
+
+    The gate is the model's (``models.<name>.gate`` over ``gate:``), or the fleet's ``gate:`` for a
+    registered model no longer in the fleet. A version that lacks a metric the gate bounds (its
+    registry tags were removed, or it was registered by hand) fails closed: it cannot be checked,
+    so it is refused unless --force.
+    """
     from shrinkfleet import gate, registry
-    from shrinkfleet.config import GateConfig
 
     root, params = _paths(root, params)
     fleet = _load(params)
-    gate_cfg = fleet.resolve(model).gate if model in fleet.models else GateConfig()
+    gate_cfg = fleet.resolve(model).gate if model in fleet.models else fleet.gate
     _registry_setup(root)
 
     def check(mv: Any) -> list[str]:
         drop = "error_increase" if _metric(mv, "error_increase") is not None else "accuracy_drop"
-        metrics = {m: _metric(mv, m) for m in (drop, "size_bytes", "latency_ms_p50")}
-        if any(v is None for v in metrics.values()):
-            return []
+        bounded = {drop: True, "size_bytes": gate_cfg.max_size_bytes is not None,
+                   "latency_ms_p50": gate_cfg.max_latency_ms_p50 is not None}
+        metrics = {m: _metric(mv, m) for m, bound in bounded.items() if bound}
+        missing = [m for m, v in metrics.items() if v is None]
+        if missing:
+            return [f"no {', '.join(missing)} recorded on v{mv.version} (tags shrinkfleet.metric.*): the gate "
+                    "cannot check it"]
         return [str(f) for f in gate.check(metrics, gate_cfg)]
 
     previous = _registry_call(registry.promote, model, version, reason, force, check)

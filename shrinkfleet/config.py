@@ -16,7 +16,11 @@ allowed and are raised before any work starts.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -404,8 +408,8 @@ class GateConfig(_Strict):
     """Which variants may be promoted to production, and which one is."""
 
     max_accuracy_drop: float = Field(
-        0.02, ge=0, le=1,
-        description="Largest accepted teacher accuracy - variant accuracy (fraction; 0.02 = 2 points).",
+        0.04, ge=0, le=1,
+        description="Largest accepted teacher accuracy - variant accuracy (fraction; 0.04 = 4 points).",
     )
     max_error_increase: float = Field(
         0.1, ge=0, description="Regression: largest accepted (variant MAE - teacher MAE) / teacher MAE "
@@ -847,20 +851,79 @@ def load_params(path: Path | str) -> FleetConfig:
             :class:`UniqueKeyLoader`), or a key is wrong; the message names the file and every
             offending key path.
     """
-    path = Path(path)
+    return load_snapshot(path).fleet
+
+
+def _read_params(path: Path) -> bytes:
     try:
-        text = path.read_text()
+        return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the fleet definition ({exc.strerror})") from None
+
+
+def parse_params_text(text: str, source: str = "params.yaml") -> FleetConfig:
+    """Validate the text of a params.yaml (see :func:`load_params`)."""
     try:
         raw = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
     except DuplicateKeyError as exc:
-        raise ConfigError(f"{path}: invalid fleet definition\n  {exc}") from None
+        raise ConfigError(f"{source}: invalid fleet definition\n  {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a YAML mapping with datasets: and models:")
-    return parse_params(raw, source=str(path))
+        raise ConfigError(f"{source}: must be a YAML mapping with datasets: and models:")
+    return parse_params(raw, source=source)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A params.yaml read and validated once: what every stage of one run receives.
+
+    The flow reads the file once, at the start of a run, and hands this object (pickled) to
+    every stage task, so no worker reads params.yaml: an edit made while a run goes on
+    changes nothing in that run. ``file_sha256`` is the hash of the bytes that were read;
+    :meth:`file_unchanged` tells whether the file on disk still holds them, which is what
+    lets a stage record itself in DVC (``dvc.lock`` takes its params from the file on disk:
+    after an edit it would record settings the stage never used). ``digest`` identifies the
+    resolved settings themselves (the same for two files that differ only in comments) and
+    is what MLflow records beside the resolved settings.
+    """
+
+    fleet: FleetConfig
+    path: Path
+    file_sha256: str
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the validated settings, every default filled in (canonical JSON)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def to_json(self) -> str:
+        """The validated settings, every default filled in, as canonical JSON."""
+        return json.dumps(self.fleet.model_dump(mode="json", by_alias=True), sort_keys=True, indent=1)
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder that relative paths in the file (datasets, model files) are relative to."""
+        return self.path.parent
+
+    def file_unchanged(self) -> bool:
+        """The file on disk still holds the bytes this snapshot was read from."""
+        try:
+            return hashlib.sha256(self.path.read_bytes()).hexdigest() == self.file_sha256
+        except OSError:
+            return False
+
+
+def load_snapshot(path: Path | str) -> Snapshot:
+    """Read and validate a params.yaml once (see :class:`Snapshot` and :func:`load_params`)."""
+    path = Path(path).resolve()
+    data = _read_params(path)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    fleet = parse_params_text(text, source=str(path))
+    return Snapshot(fleet=fleet, path=path, file_sha256=hashlib.sha256(data).hexdigest())
 
 
 def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> FleetConfig:
@@ -884,9 +947,18 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> FleetConfi
                             f"{name} holds images")
     for name in fleet.models:
         try:
-            fleet.resolve(name)
+            resolved = fleet.resolve(name)
         except ConfigError as exc:
             problems.append(str(exc).split("\n  ", 1)[1])
+            continue
+        # Every recipe step's settings as that model's stages will merge them: a bad override
+        # (an unknown key, a value out of range) stops the run here, not after training.
+        for recipe, spec in resolved.recipes.items():
+            for index in range(len(spec.steps)):
+                try:
+                    resolved.step_config(recipe, index)
+                except ConfigError as exc:
+                    problems += [p for p in str(exc).split("\n  ")[1:] if p not in problems]
     if problems:
         raise ConfigError(f"{source}: invalid fleet definition\n  " + "\n  ".join(problems))
     return fleet

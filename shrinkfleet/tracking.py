@@ -28,6 +28,7 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from shrinkfleet.config import ResolvedModel
@@ -288,7 +289,7 @@ def close_stale_runs(experiment_id: str, root: Path) -> list[str]:
             seen.add(parent)
             try:
                 top = by_id.get(parent) or client.get_run(parent)
-            except Exception:  # parent deleted: judge by what we have
+            except MlflowException:  # parent deleted: judge by what we have
                 break
         if all(top.data.tags.get(k) == v for k, v in tags_match.items()):
             stale.append(run.info.run_id)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shrinkfleet import faults, versioning
-from shrinkfleet.config import ConfigError, FleetConfig, load_params
+from shrinkfleet.config import ConfigError, FleetConfig, Snapshot, load_snapshot
 from shrinkfleet.pipeline import stage_name
 from shrinkfleet.workspace import Workspace
 
@@ -34,10 +34,13 @@ class StageContext:
         return self.params_file.parent
 
 
-def context(root: str | Path, params_file: str | Path | None = None) -> StageContext:
+def context(root: str | Path, config: Snapshot | str | Path | None = None) -> StageContext:
+    """A stage's context from the run's :class:`~shrinkfleet.config.Snapshot` (a flow run), or from
+    a params file read now (``shrinkfleet stage``, which ``dvc repro`` calls; default root/params.yaml)."""
     root = Path(root).resolve()
-    params = Path(params_file).resolve() if params_file else root / "params.yaml"
-    return StageContext(fleet=load_params(params), ws=Workspace(root), params_file=params)
+    if not isinstance(config, Snapshot):
+        config = load_snapshot(Path(config) if config else root / "params.yaml")
+    return StageContext(fleet=config.fleet, ws=Workspace(root), params_file=config.path)
 
 
 def worker_id() -> str:
@@ -52,30 +55,71 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+# Failures of the machine or the network, not of the stage's inputs or code: retried by
+# ``run.retries``. Named by class, matched through the exception's class hierarchy, so the
+# flow process need not import TensorFlow, httpx or botocore to decide.
+TRANSIENT_CLASSES = frozenset({
+    "tensorflow.python.framework.errors_impl.ResourceExhaustedError",  # out of (GPU) memory
+    "tensorflow.python.framework.errors_impl.UnavailableError",
+    "tensorflow.python.framework.errors_impl.AbortedError",
+    "tensorflow.python.framework.errors_impl.DeadlineExceededError",
+    "tensorflow.python.framework.errors_impl.InternalError",  # e.g. a CUDA call that failed
+    "httpx.TransportError",  # Prefect's client: connection refused, reset, timed out
+    "botocore.exceptions.ConnectionError",  # S3: endpoint unreachable, connection closed
+    "botocore.exceptions.ConnectionClosedError",
+    "botocore.exceptions.ReadTimeoutError",
+    "sqlite3.OperationalError",  # "database is locked" under concurrent writers
+})
+# OSErrors that a retry cannot change: the same file is still missing, still not allowed.
+PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: not a deterministic input error (bad config or data, wrong shapes) nor a permanent fault."""
+    """Worth retrying: an allow-list of failures that can pass on their own.
+
+    Transient: an :class:`OSError` (connection errors, timeouts, a full disk, a lost network
+    mount) other than a missing or forbidden path, :class:`MemoryError`, the classes of
+    :data:`TRANSIENT_CLASSES` (TensorFlow's resource exhaustion, unreachable servers), and the
+    faults injected as transient (:class:`shrinkfleet.faults.InjectedFault`). Anything else is a
+    bad input or a bug: it fails at once, with its traceback in the log, instead of running the
+    stage again to the same end.
+    """
     from shrinkfleet.datasets import DatasetError
 
-    return not isinstance(exc, (ConfigError, DatasetError, ValueError, TypeError, KeyError, faults.PermanentFault))
+    if isinstance(exc, (ConfigError, DatasetError, faults.PermanentFault, *PERMANENT_OS_ERRORS)):
+        return False
+    if isinstance(exc, (OSError, MemoryError, faults.InjectedFault)):
+        return True
+    return any(f"{c.__module__}.{c.__qualname__}" in TRANSIENT_CLASSES for c in type(exc).__mro__)
 
 
 def execute(
     stage: str,
     target: str,
     root: str,
-    params_file: str,
+    config: Snapshot,
     fn: Callable[[StageContext, str], dict[str, Any]],
     use_dvc: bool,
     force: bool,
 ) -> dict[str, Any]:
     """Run ``fn`` for one stage target unless DVC reports it up to date; then record it.
 
+    ``config`` is the run's snapshot of params.yaml. When the file on disk no longer holds what the
+    run read (edited during the run), the stage runs with the snapshot's settings and is neither
+    skipped nor recorded in DVC: ``dvc.lock`` would otherwise record settings it never used, and
+    the next run checks it again against the edited file.
+
     Returns:
         ``{"stage", "target", "status": "ran" | "skipped", "seconds", "worker", **fn's summary}``.
     """
-    ctx = context(root, params_file)
+    ctx = context(root, config)
     dvc_stage = stage_name(stage, target)
     start = time.perf_counter()
+    if use_dvc and not config.file_unchanged():
+        log.warning("%s changed since this run read it: %s runs with the settings the run started with, "
+                    "and is not recorded in DVC (the next run checks it against the edited file)",
+                    config.path.name, dvc_stage)
+        use_dvc = False
     if use_dvc and not force and versioning.is_up_to_date(ctx.ws.root, dvc_stage):
         log.info("%s is up to date (DVC): skipped", dvc_stage)
         return {"stage": stage, "target": target, "status": "skipped", "seconds": time.perf_counter() - start,

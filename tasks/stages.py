@@ -19,6 +19,7 @@ import logging
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from shrinkfleet.config import Snapshot
 from tasks.common import execute, is_transient
 
 GPU = ["gpu"]
@@ -71,10 +72,10 @@ def reuse_tls_context() -> None:
         orchestration.ssl = shared
 
 
-def _run(stage: str, target: str, root: str, params_file: str, use_dvc: bool, force: bool) -> dict:
+def _run(stage: str, target: str, root: str, config: Snapshot, use_dvc: bool, force: bool) -> dict:
     try:
         module = importlib.import_module(f"tasks.{stage}")
-        return execute(stage, target, root, params_file, module.run, use_dvc, force)
+        return execute(stage, target, root, config, module.run, use_dvc, force)
     except Exception as exc:
         _say_retry(stage, target, exc)
         raise
@@ -95,40 +96,40 @@ def _say_retry(stage: str, target: str, exc: Exception) -> None:
 
 
 @task(name="prepare", task_run_name="prepare-{dataset}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def prepare_task(dataset: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+def prepare_task(dataset: str, root: str, config: Snapshot, use_dvc: bool = True, force: bool = False) -> dict:
     """Prepare one dataset unless DVC reports it up to date."""
-    return _run("prepare", dataset, root, params_file, use_dvc, force)
+    return _run("prepare", dataset, root, config, use_dvc, force)
 
 
 @task(name="teacher", task_run_name="teacher-{model}", tags=GPU, retries=2, retry_delay_seconds=5,
       cache_policy=NO_CACHE)
-def teacher_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+def teacher_task(model: str, root: str, config: Snapshot, use_dvc: bool = True, force: bool = False) -> dict:
     """Train one model's teacher unless DVC reports it up to date."""
-    return _run("teacher", model, root, params_file, use_dvc, force)
+    return _run("teacher", model, root, config, use_dvc, force)
 
 
 @task(name="distill", task_run_name="distill-{model}", tags=GPU, retries=2, retry_delay_seconds=5,
       cache_policy=NO_CACHE)
-def distill_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+def distill_task(model: str, root: str, config: Snapshot, use_dvc: bool = True, force: bool = False) -> dict:
     """Distil one model's student unless DVC reports it up to date."""
-    return _run("distill", model, root, params_file, use_dvc, force)
+    return _run("distill", model, root, config, use_dvc, force)
 
 
 @task(name="prune", task_run_name="prune-{model}", tags=GPU, retries=2, retry_delay_seconds=5,
       cache_policy=NO_CACHE)
-def prune_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+def prune_task(model: str, root: str, config: Snapshot, use_dvc: bool = True, force: bool = False) -> dict:
     """Prune one model's student unless DVC reports it up to date."""
-    return _run("prune", model, root, params_file, use_dvc, force)
+    return _run("prune", model, root, config, use_dvc, force)
 
 
 @task(name="compress", task_run_name="compress-{model}", tags=GPU, retries=2, retry_delay_seconds=5,
       cache_policy=NO_CACHE)
-def compress_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+def compress_task(model: str, root: str, config: Snapshot, use_dvc: bool = True, force: bool = False) -> dict:
     """Run one model's recipes unless DVC reports them up to date."""
-    return _run("compress", model, root, params_file, use_dvc, force)
+    return _run("compress", model, root, config, use_dvc, force)
 
 
 @task(name="evaluate", task_run_name="evaluate-{model}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def evaluate_task(model: str, root: str, params_file: str, use_dvc: bool = True, force: bool = False) -> dict:
+def evaluate_task(model: str, root: str, config: Snapshot, use_dvc: bool = True, force: bool = False) -> dict:
     """Measure every variant of one model unless DVC reports it up to date."""
-    return _run("evaluate", model, root, params_file, use_dvc, force)
+    return _run("evaluate", model, root, config, use_dvc, force)

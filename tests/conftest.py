@@ -21,6 +21,13 @@ SHARED_MNIST = Path(os.environ.get("SHRINKFLEET_MNIST_DIR", REPO.parent / "share
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+# Importing Prefect configures logging with dictConfig, which closes every handler already on the root
+# logger. absl's handler (added when TensorFlow is imported) closes its stream when that is not the
+# process's sys.stderr: under pytest, the capture file of whatever test imported TensorFlow first, so a
+# later test that imports Prefect in-process broke pytest's capture ("I/O operation on closed file").
+# A user's process never has this (its absl stream is sys.stderr); the tests import Prefect first.
+import prefect.main  # noqa: E402, F401  (prefect itself loads lazily: prefect.main sets logging up)
+
 # Small enough to train in seconds, big enough that every technique has something to do.
 TINY_PARAMS: dict = {
     "fleet": "tiny",

@@ -1,4 +1,6 @@
-"""Each pipeline benchmark runs in --quick mode and writes valid JSON with the keys the README quotes."""
+"""Each pipeline benchmark runs in --quick mode: the figures it prints are the ones its JSON holds, every
+repetition it ran is recorded, and what it measures is what it claims (a rerun trains nothing, int8 keeps the
+float model's accuracy). Timings themselves are never asserted: they belong to the benchmarks."""
 
 from __future__ import annotations
 
@@ -23,7 +25,16 @@ def _run(name: str, tmp_path: Path, *extra: str) -> dict:
     assert doc["benchmark"] == name and doc["quick"] is True
     assert set(doc["machine"]) >= MACHINE_KEYS and doc["machine"]["cores"] >= 1
     assert isinstance(doc["meets_goal"], bool)
+    doc["_stdout"] = run.stdout
     return doc
+
+
+def _repetitions(doc: dict, keys: set[str]) -> None:
+    """Every configuration ran ``repetitions`` times, each timing recorded, and the quoted median is one of them."""
+    assert set(doc["seconds"]) == keys
+    for key, times in doc["seconds"].items():
+        assert len(times) == doc["repetitions"] and all(t > 0 for t in times)
+        assert doc["median_seconds"][key] in times
 
 
 def test_inference_quick(tmp_path):
@@ -31,14 +42,15 @@ def test_inference_quick(tmp_path):
     float_case, int8_case = doc["results"].values()
     for case in (float_case, int8_case):
         assert 0.5 < case["accuracy"] <= 1 and case["batch1_ms"] > 0 and case["batch32_ms"] > 0
-    assert doc["speedup_batch1"] == pytest.approx(float_case["batch1_ms"] / int8_case["batch1_ms"])
+    assert abs(float_case["accuracy"] - int8_case["accuracy"]) <= 0.03  # int8 keeps the float model's accuracy
+    assert f"{doc['speedup_batch1']:.1f}x" in doc["_stdout"]
 
 
 @pytest.mark.slow
 def test_fanout_quick(tmp_path):
     doc = _run("fanout", tmp_path, "--models", "1")
-    assert set(doc["median_seconds"]) == {"1", "2"} and all(v > 0 for v in doc["median_seconds"].values())
-    assert doc["speedup"] == pytest.approx(doc["median_seconds"]["1"] / doc["median_seconds"]["2"])
+    _repetitions(doc, {"1", "2"})
+    assert f"speedup 2 vs 1 worker: {doc['speedup']:.2f}x" in doc["_stdout"]
 
 
 @pytest.mark.slow
@@ -46,14 +58,16 @@ def test_noop_quick(tmp_path):
     doc = _run("noop", tmp_path)
     # Whatever the timing, a rerun with nothing changed must not retrain anything.
     assert doc["artifacts_rewritten"] == [] and doc["dvc_status_clean"] is True
-    assert doc["median_rerun_seconds"] > 0 and doc["share_of_first"] == pytest.approx(
-        doc["median_rerun_seconds"] / doc["first_seconds"])
+    assert len(doc["rerun_seconds"]) >= 1 and doc["median_rerun_seconds"] in doc["rerun_seconds"]
+    assert doc["share_of_first"] < 1  # the first run trains; a rerun only checks
+    assert f"rerun / first: {doc['share_of_first']:.1%}" in doc["_stdout"]
 
 
 @pytest.mark.slow
 def test_orchestration_quick(tmp_path):
     doc = _run("orchestration", tmp_path)
-    assert doc["ratio"] == pytest.approx(doc["median_seconds"]["flow"] / doc["median_seconds"]["direct"])
+    _repetitions(doc, {"flow", "direct"})
+    assert f"flow / direct: {doc['ratio']:.3f}" in doc["_stdout"]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -59,6 +60,15 @@ def test_fleet_runs_tracks_records_and_reruns_nothing(project):
     (parent,) = _runs(project, "fleet")
     assert parent.data.tags["trigger"] == "manual"
     assert parent.data.tags["prefect_flow_run_id"] and parent.data.tags["git_sha"]
+    # The settings every stage used, as the run read them once: their digest, and the settings themselves.
+    from shrinkfleet.config import load_snapshot
+
+    snapshot = load_snapshot(project / "params.yaml")
+    assert parent.data.tags["shrinkfleet.config_digest"] == snapshot.digest
+    recorded = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                   artifact_path="config/params.resolved.json",
+                                                   tracking_uri=f"sqlite:///{project}/mlflow.db")
+    assert json.loads(Path(recorded).read_text()) == json.loads(snapshot.to_json())
     children = [r for r in _runs(project, "model") if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
     assert sorted(r.data.tags["shrinkfleet.model"] for r in children) == ["cancer-mlp", "digits-mlp"]
     for child in children:

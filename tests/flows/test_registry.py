@@ -195,6 +195,20 @@ def test_10_promote_respects_the_gate_unless_forced(nightly):
     assert "forced past the gate" in nightly.run("history", MODEL)
 
 
+def test_10b_a_version_the_gate_cannot_check_is_refused(nightly):
+    """promote fails closed: a version without the metric the gate bounds is not promoted (unless --force)."""
+    client, tag = MlflowClient(), "shrinkfleet.metric.accuracy_drop"
+    kept = client.get_model_version(MODEL, "1").tags[tag]
+    client.delete_model_version_tag(MODEL, "1", tag)
+    try:
+        refused = shrinkfleet_cmd("promote", MODEL, "1", cwd=nightly.root)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "no accuracy_drop recorded on v1" in refused.stderr and "cannot check it" in refused.stderr
+        assert nightly.production() == "2"
+    finally:
+        client.set_model_version_tag(MODEL, "1", tag, kept)
+
+
 def test_11_a_regressed_variant_is_not_promoted(nightly):
     nightly.edit(lambda p: (p["gate"].update(max_size_bytes=None, max_accuracy_drop=0.0),
                             p["models"][MODEL]["prune"].update(target_sparsity=0.9)))

@@ -167,14 +167,70 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path, tiny_params):
 
 
 def test_recipe_step_overrides_resolve_and_are_checked(tiny_params):
-    tiny_params["recipes"] = {"dc": {"steps": [{"cluster": {"clusters": 4}}, "float32"]},
-                              "bad": {"steps": [{"cluster": {"clusterz": 4}}, "float32"]}}
+    tiny_params["recipes"] = {"dc": {"steps": [{"cluster": {"clusters": 4}}, "float32"]}}
     fleet = parse_params(tiny_params)
     cfg = fleet.resolve("digits-mlp")
     name, step = cfg.step_config("dc", 0)
     assert name == "cluster" and step.clusters == 4 and step.epochs == tiny_params["cluster"]["epochs"]
-    with pytest.raises(ConfigError, match=r"recipes.bad.steps\[0\].cluster.clusterz: unknown key"):
-        cfg.step_config("bad", 0)
+
+
+def test_a_bad_recipe_step_override_stops_validation_naming_recipe_and_key(tiny_params):
+    """Checked when params.yaml is read (before any stage trains), merged with each model's own section."""
+    tiny_params["recipes"] = {"dc": {"steps": [{"cluster": {"clusterz": 4}}, "float32"]},
+                              "few": {"steps": [{"prune": {"target_sparsity": 0.5}}, {"cluster": {"clusters": 1}},
+                                                "float32"]}}
+    with pytest.raises(ConfigError) as err:
+        parse_params(tiny_params)
+    text = str(err.value)
+    assert "recipes.dc.steps[0].cluster.clusterz: unknown key" in text
+    assert "recipes.few.steps[1].cluster.clusters: must be greater than or equal to 2" in text
+    assert text.count("recipes.dc.steps[0]") == 1  # said once, not once per model
+    tiny_params["recipes"] = {"dc": {"steps": [{"cluster": {"clusters": 4}}, "float32"]}}
+    tiny_params["models"]["digits-mlp"]["cluster"] = {"learning_rate": 2.0}  # bad only once merged for this model
+    with pytest.raises(ConfigError, match=r"models.digits-mlp.cluster.learning_rate: must be less than 1"):
+        parse_params(tiny_params)
+
+
+def test_the_code_and_the_shipped_params_yaml_have_the_same_defaults():
+    """One source of defaults: every stage section of params.yaml lists every field of its schema
+    with the schema's default, so a key left out of a user's params.yaml means what the shipped one says."""
+    from shrinkfleet.config import DEFAULT_RECIPES, FleetConfig, RecipeSpec
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    sections = [k for k in FleetConfig.model_fields if k not in ("datasets", "models")]
+    assert sorted(k for k in raw if k not in ("datasets", "models")) == sorted(sections)
+    disagree = []
+    for section in sections:
+        default = FleetConfig.model_fields[section].get_default(call_default_factory=True)
+        if section == "recipes":
+            shipped = {k: RecipeSpec.model_validate(v) for k, v in raw[section].items()}
+            if shipped != {k: RecipeSpec.model_validate(v) for k, v in DEFAULT_RECIPES.items()}:
+                disagree.append("recipes")
+        elif hasattr(default, "model_dump"):
+            code = default.model_dump()
+            disagree += [f"{section}.{k}: params.yaml {raw[section].get(k, '(missing)')!r}, code {v!r}"
+                         for k, v in code.items() if raw[section].get(k, "(missing)") != v]
+        elif raw[section] != default:
+            disagree.append(f"{section}: params.yaml {raw[section]!r}, code {default!r}")
+    assert not disagree, "\n".join(disagree)
+
+
+def test_a_snapshot_is_read_once_and_knows_when_the_file_changed(tmp_path, tiny_params):
+    from shrinkfleet.config import load_snapshot
+
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(tiny_params))
+    snap = load_snapshot(p)
+    assert snap.file_unchanged() and snap.path == p.resolve() and len(snap.digest) == 64
+    p.write_text("# a comment changes the file, not the settings\n" + p.read_text())
+    again = load_snapshot(p)
+    assert not snap.file_unchanged() and again.digest == snap.digest and again.file_sha256 != snap.file_sha256
+    tiny_params["prune"]["target_sparsity"] = 0.37
+    p.write_text(yaml.safe_dump(tiny_params))
+    edited = load_snapshot(p)
+    assert edited.digest != snap.digest
+    assert snap.fleet.prune.target_sparsity != 0.37  # the snapshot holds what it read
+    assert '"target_sparsity": 0.37' in edited.to_json()
 
 
 def test_a_model_may_pick_its_recipes(tiny_params):

@@ -57,7 +57,8 @@ def test_two_of_four_structured_sparsity(student, digits):
 
     cfg = PruneConfig(pattern="2:4", epochs=2, frequency=5)
     model = prune(student, cfg, digits, seed=0)
-    assert expected_sparsity(cfg) == 0.5
+    measured = kernel_sparsity(model)
+    assert measured >= 0.5 - 1e-6 and measured == pytest.approx(expected_sparsity(cfg, model), abs=0.01)
     for layer in model.layers:
         if hasattr(layer, "kernel"):
             k = layer.kernel.numpy()  # (inputs, outputs): groups of 4 consecutive inputs
@@ -85,20 +86,42 @@ def test_every_recipe_writes_an_exact_coded_variant(teacher, student, pruned, di
     assert len(clustered.coded) < len(variants["pruned-float32"].coded)
 
 
+def _check_search(trials, bound, budget, teacher_val, digits):
+    """Every trial's recorded figures are what its flatbuffer measures; the first within the bound is
+    the best and the search stops there; with none within, the whole budget is spent."""
+    infos = [t.search for t in trials.values()]
+    assert [i["trial"] for i in infos] == list(range(1, len(infos) + 1))
+    for t in trials.values():
+        val = accuracy_of(TFLiteModel(t.content).predict, digits.val.x, digits.val.y)
+        assert t.search["val_accuracy"] == pytest.approx(val)
+        assert t.search["val_drop"] == pytest.approx(teacher_val - val)
+        assert t.search["within_bound"] == (t.search["val_drop"] <= bound)
+    within = [i for i in infos if i["within_bound"]]
+    if within:
+        assert infos[-1]["within_bound"] and len(within) == 1 and infos[-1]["best"]
+        assert not any(i["best"] for i in infos[:-1])
+    else:
+        assert len(infos) == budget and not any(i["best"] for i in infos)
+
+
 def test_search_respects_the_budget_and_the_bound(teacher, student, digits):
+    from shrinkfleet import training
     from tasks.compress import search, search_order
 
-    cfg = _resolved(search={"enabled": True, "budget": 2, "max_accuracy_drop": 1.0, "sparsities": [0.5, 0.9],
-                            "clusters": [4, 16], "conversions": ["float32"]},
-                    cluster={"epochs": 1}, prune={**TINY_PARAMS["prune"], "epochs": 1})
+    teacher_val = training.accuracy(teacher, digits.val.x, digits.val.y)
+    common = {"sparsities": [0.5, 0.9], "clusters": [4, 16], "conversions": ["float32"]}
+    stages = {"cluster": {"epochs": 1}, "prune": {**TINY_PARAMS["prune"], "epochs": 1}}
+    cfg = _resolved(search={"enabled": True, "budget": 3, "max_accuracy_drop": 1.0, **common}, **stages)
     order = search_order(cfg)
     assert order[0][:2] == (0.9, 4)  # the smallest expected candidate first
     trials = search(cfg, teacher, student, digits)
-    assert 1 <= len(trials) <= 2
-    best = [t for t in trials.values() if t.search["best"]]
-    assert len(best) == 1 and best[0].search["within_bound"]
-    # an impossible bound uses the whole budget and marks nothing best
-    strict = _resolved(search={**cfg.search.model_dump(), "max_accuracy_drop": 0.0, "budget": 2},
-                       cluster={"epochs": 1}, prune={**TINY_PARAMS["prune"], "epochs": 1})
-    trials = search(strict, teacher, student, digits)
-    assert len(trials) == 2 and not any(t.search["best"] for t in trials.values())
+    assert len(trials) == 1  # any candidate is within a bound of 100 points: the first one ends it
+    _check_search(trials, 1.0, 3, teacher_val, digits)
+    # A bound just under what the first candidate lost: the search must go on past it.
+    first_drop = next(iter(trials.values())).search["val_drop"]
+    assert first_drop > 0.005, "the first candidate (90% sparse, 4 clusters) should lose accuracy"
+    bound = max(first_drop - 0.005, 0.0)
+    tighter = _resolved(search={"enabled": True, "budget": 3, "max_accuracy_drop": bound, **common}, **stages)
+    trials = search(tighter, teacher, student, digits)
+    assert len(trials) >= 2 and not next(iter(trials.values())).search["within_bound"]
+    _check_search(trials, bound, 3, teacher_val, digits)
