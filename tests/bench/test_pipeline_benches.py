@@ -1,4 +1,4 @@
-"""Each pipeline benchmark runs in --quick mode and writes valid JSON with the keys docs/benchmarks.md quotes."""
+"""Each pipeline benchmark runs in --quick mode and writes valid JSON with the keys the README quotes."""
 
 from __future__ import annotations
 
