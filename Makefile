@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test bench venv lint clean help
+.PHONY: run test bench docs venv lint clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -31,8 +31,12 @@ TEST_WORKERS ?= 2
 test: venv  ## run the whole test suite (slow end-to-end tests included)
 	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadfile
 
-bench: venv  ## every benchmark in bench/, each timed (tables on screen, JSON in bench/results/; see README)
+bench: venv  ## every benchmark in bench/, each timed (tables on screen, JSON in bench/results/; see docs/benchmarks.md)
 	$(BIN)/python bench/all.py
+
+docs: venv  ## regenerate the parameter reference (docs/configuration.md) and the benchmark table (docs/benchmarks.md)
+	$(BIN)/python -m shrinkfleet.reference
+	$(BIN)/python bench/table.py --write
 
 lint: venv  ## ruff: style and import order
 	$(BIN)/ruff check .

@@ -171,7 +171,7 @@ def write_results(name: str, doc: dict[str, Any], out: Path | None = None) -> Pa
     """Write ``doc`` (plus the machine and the time) to bench/results/<name>.json atomically.
 
     A ``--quick`` run (``doc["quick"]``) goes to bench/results/quick-<name>.json instead, so a
-    smoke run never replaces the full run's figures that the README quotes.
+    smoke run never replaces the full run's figures that docs/benchmarks.md quotes.
     """
     path = out or RESULTS / (f"quick-{name}.json" if doc.get("quick") else f"{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

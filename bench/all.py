@@ -1,10 +1,10 @@
-"""`make bench`: every benchmark one after another, each timed, then the README table.
+"""`make bench`: every benchmark one after another, each timed, then the table in docs/benchmarks.md.
 
     python bench/all.py              # every script, 25 minutes on 2 cores (2026-11-29)
     python bench/all.py --quick      # every script in its --quick mode (a smoke run)
 
 Writes bench/results/all.json: the wall time of each script and of the whole run, with the
-machine, so the README can say how long `make bench` took from a measurement. A script that
+machine, so docs/benchmarks.md can say how long `make bench` took from a measurement. A script that
 fails stops the run with its exit code (its own JSON is then not rewritten).
 """
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "total_seconds": total, "goal_minutes": GOAL_MINUTES, "meets_goal": ok}, args.out)
     print(f"wrote {path}")
     if not args.quick and not args.only:
-        subprocess.call([sys.executable, str(HERE / "table.py")])
+        subprocess.call([sys.executable, str(HERE / "table.py"), "--write"])
     return 0
 
 

@@ -1,18 +1,25 @@
-"""The README's benchmark table, from the JSON files the benchmarks wrote.
+"""The figures of docs/benchmarks.md, from the JSON files the benchmarks wrote.
 
     python bench/table.py            # reads bench/results/*.json, prints Markdown
+    python bench/table.py --write    # rewrites the block between the markers in docs/benchmarks.md
+    python bench/table.py --check    # exit 1 if that block is not what the JSON files give
 
-Each row: what was measured, the figure, the goal, and whether it was met. A benchmark
-whose JSON is missing, or was written by a --quick run, is left out.
+The block: the machine, one row per figure (what was measured, the figure, the goal, whether
+it was met, when), the Deep Compression comparison, and how long `make bench` took. A
+benchmark whose JSON is missing, or was written by a --quick run, is left out.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+START = "<!-- bench-table:start -->"
+END = "<!-- bench-table:end -->"
 
 
 def _load(name: str) -> dict | None:
@@ -91,19 +98,109 @@ def _ok(doc: dict) -> str:
     return "yes" if doc.get("meets_goal") else "**no**"
 
 
-def main() -> int:
+def compression_rows() -> list[tuple[str, ...]]:
+    """The Deep Compression benchmark next to the paper's Table 1 (Han et al., ICLR 2016)."""
+    doc = _load("compression")
+    if not doc:
+        return []
+    out: list[tuple[str, ...]] = []
+    for r in doc.get("results", []):
+        best = r.get("best")
+        if not best:
+            continue
+        before, after = r["float_test_accuracy"] * 100, best["test_accuracy"] * 100
+        out.append((f"{r['model']} (shrinkfleet)", f"{r['float32_bytes']:,}", f"{best['coded_bytes']:,}",
+                    f"**{best['ratio']:.1f}x**", f"{before:.2f}% -> {after:.2f}%", f"{before - after:+.2f} pts",
+                    f"{best['bits_per_nonzero']:.1f}", " > ".join(best["steps"])))
+        if paper := doc.get("paper", {}).get(r["model"]):
+            p_before, p_after = 100 - paper["error_before"], 100 - paper["error_after"]
+            out.append((f"{r['model']} (Deep Compression, Table 1)", f"{paper['float_kb']:,} KB",
+                        f"{paper['compressed_kb']:,} KB", f"{paper['ratio']}x", f"{p_before:.2f}% -> {p_after:.2f}%",
+                        f"{p_before - p_after:+.2f} pts", "", "prune, quantize, Huffman"))
+    return out
+
+
+def _coders() -> str:
+    doc = _load("compression")
+    parts = [f"{r['model']}: range {b['range_bytes']:,} B, Huffman {b['huffman_bytes']:,} B, zstd "
+             f"{b['zstd_bytes']:,} B, zlib {b['zlib_bytes']:,} B"
+             for r in (doc or {}).get("results", []) if (b := r.get("best"))]
+    return ("The same best variant under each coder: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _wall_time() -> str:
+    doc = _load("all")
+    if not doc or doc.get("meets_goal") is None:
+        return ""
+    per = ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in doc["seconds"].items())
+    return (f"`make bench` took **{doc['total_seconds'] / 60:.1f} minutes** (goal: under {doc['goal_minutes']}; "
+            f"{'met' if doc['meets_goal'] else 'missed'}), run {_when(doc)} UTC: {per} minutes.")
+
+
+def render() -> str:
+    """The Markdown block, markers excluded ('' when there are no full results)."""
     table = rows()
     if not table:
-        print("no full benchmark results in bench/results/ (run `make bench`)", file=sys.stderr)
-        return 1
+        return ""
     machine = next((d["machine"] for n in ("orchestration", "noop", "fanout", "inference", "scale", "compression")
                     if (d := _load(n))), {})
-    print(f"Measured on {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
-          f"{machine.get('memory_gb', '?')} GB, Python {machine.get('python', '?')}, no GPU.\n")
-    print("| benchmark | measured (medians) | goal | met | run (UTC) |")
-    print("|---|---|---|---|---|")
-    for row in table:
-        print("| " + " | ".join(row) + " |")
+    lines = [f"Measured on {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
+             f"{machine.get('memory_gb', '?')} GB, Python {machine.get('python', '?')}, no GPU.", "",
+             "| benchmark | measured (medians) | goal | met | run (UTC) |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    if comp := compression_rows():
+        lines += ["", "Deep Compression on MNIST (test split; the paper trained on all 60,000 images):", "",
+                  "| model | float32 bytes | coded bytes | ratio | accuracy float -> compressed | drop | "
+                  "bits / non-zero | recipe |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in comp]
+        if coders := _coders():
+            lines += ["", coders]
+    if wall := _wall_time():
+        lines += ["", wall]
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with what lies between START and END replaced by ``block``.
+
+    Raises:
+        ValueError: a marker is missing.
+    """
+    head, sep, rest = text.partition(START)
+    _, sep2, tail = rest.partition(END)
+    if not sep or not sep2:
+        raise ValueError(f"markers {START} ... {END} not found")
+    return f"{head}{START}\n<!-- Generated by `python bench/table.py --write` from bench/results/*.json. -->\n" \
+           f"{block.strip()}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="rewrite the block in docs/benchmarks.md")
+    mode.add_argument("--check", action="store_true", help="exit 1 if that block is stale; write nothing")
+    ap.add_argument("--file", type=Path, default=DOC, help=f"the page (default {DOC})")
+    args = ap.parse_args(argv)
+    block = render()
+    if not block:
+        print("no full benchmark results in bench/results/ (run `make bench`)", file=sys.stderr)
+        return 1
+    if not (args.write or args.check):
+        print(block)
+        return 0
+    text = args.file.read_text()
+    new = replace_block(text, block)
+    if args.check:
+        if new != text:
+            print(f"{args.file}: the benchmark table is stale; run `python bench/table.py --write`", file=sys.stderr)
+            return 1
+        print(f"{args.file}: the benchmark table is current")
+        return 0
+    if new != text:
+        args.file.write_text(new)
+        print(f"rewrote the benchmark table in {args.file}")
+    else:
+        print(f"{args.file}: the benchmark table is current")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""README "Your own fleet: a complete example", run as written: its setup, its params.yaml, its commands."""
+"""docs/your-own-fleet.md, "Your own fleet: a complete example", run as written: its setup, its params.yaml,
+its commands."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import pytest
 from tests.conftest import REPO, TINY_PARAMS, make_project
 
 pytestmark = pytest.mark.slow
+PAGE = REPO / "docs" / "your-own-fleet.md"
 
 
 def block(name: str) -> str:
-    """The fenced code block right after ``<!-- example:<name> -->`` in the README."""
-    text = (REPO / "README.md").read_text()
+    """The fenced code block right after ``<!-- example:<name> -->`` in the page."""
+    text = PAGE.read_text()
     match = re.search(rf"<!-- example:{name} -->\n```\w*\n(.*?)\n```", text, re.S)
-    assert match, f"README has no example:{name} block"
+    assert match, f"{PAGE.relative_to(REPO)} has no example:{name} block"
     return match.group(1)
 
 
@@ -30,7 +32,7 @@ def bash(script: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
-def test_the_readme_example_runs_as_written(tmp_path):
+def test_the_own_fleet_example_runs_as_written(tmp_path):
     project = make_project(tmp_path / "clone", TINY_PARAMS)  # a clone: the code, git, DVC
     setup = bash(block("setup"), project)
     assert setup.returncode == 0, setup.stdout + setup.stderr
