@@ -62,10 +62,10 @@ class _DatasetBase(_Strict):
         default_factory=lambda: FeatureConfig(), description="Feature selection/extraction (tabular only)."
     )
     limit: int | None = Field(
-        None, gt=0, description="Keep at most this many training samples (stratified); None keeps all."
+        None, gt=0, description="Keep at most this many training samples (stratified); null keeps all."
     )
     limit_test: int | None = Field(
-        None, gt=0, description="Keep at most this many test samples (stratified); None keeps all."
+        None, gt=0, description="Keep at most this many test samples (stratified); null keeps all."
     )
 
 
@@ -114,10 +114,10 @@ class _TableDataset(_DatasetBase):
         "classification", description="classification: the label is a class; regression: a number."
     )
     columns: list[str] | None = Field(
-        None, min_length=1, description="Feature columns; None = every column but the label."
+        None, min_length=1, description="Feature columns; null = every column but the label."
     )
     impute: Literal["median"] | None = Field(
-        None, description="Missing values: None stops the run naming the column; median fills numbers with the "
+        None, description="Missing values: null stops the run naming the column; median fills numbers with the "
         "train split's median (a missing string gets no category: all zeros).",
     )
 
@@ -389,7 +389,7 @@ class FeatureConfig(_Strict):
     """Feature selection / extraction for tabular data, fitted on the train split only."""
 
     variance_threshold: float | None = Field(
-        None, ge=0, description="Drop raw features whose train variance is at most this; None = keep all."
+        None, ge=0, description="Drop raw features whose train variance is at most this; null = keep all."
     )
     select_k: int | None = Field(
         None, ge=1, description="Keep the k features with the highest mutual information with the label."
@@ -415,9 +415,9 @@ class GateConfig(_Strict):
         0.1, ge=0, description="Regression: largest accepted (variant MAE - teacher MAE) / teacher MAE "
         "(fraction; 0.1 = 10% worse)."
     )
-    max_size_bytes: int | None = Field(None, gt=0, description="Largest accepted flatbuffer size; None = no limit.")
+    max_size_bytes: int | None = Field(None, gt=0, description="Largest accepted flatbuffer size; null = no limit.")
     max_latency_ms_p50: float | None = Field(
-        None, gt=0, description="Largest accepted median latency in ms; None = no limit."
+        None, gt=0, description="Largest accepted median latency in ms; null = no limit."
     )
     objective: Literal["size_bytes", "coded_bytes", "accuracy", "latency_ms_p50"] = Field(
         "size_bytes", description="How the candidate is chosen among passing variants: smallest size_bytes "
@@ -441,7 +441,7 @@ class RunConfig(_Strict):
     )
     dask_address: str | None = Field(
         None,
-        description="Scheduler of an existing Dask cluster (tcp://host:8786) for engine dask; None starts a "
+        description="Scheduler of an existing Dask cluster (tcp://host:8786) for engine dask; null starts a "
         "local cluster of `workers` processes with one thread each.",
     )
     worker_max_stages: int = Field(
@@ -486,7 +486,7 @@ class StorageConfig(_Strict):
 
     s3_bucket: str | None = Field(
         None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
-        description="Bucket for the DVC remote and MLflow artifacts; None = no remote storage (all local).",
+        description="Bucket for the DVC remote and MLflow artifacts; null = no remote storage (all local).",
     )
     s3_prefix: str = Field(
         "shrinkfleet", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
@@ -494,10 +494,10 @@ class StorageConfig(_Strict):
     )
     endpoint_url: str | None = Field(
         None, pattern=r"^https?://[^\s/]+(/\S*)?$",
-        description="S3 API endpoint of MinIO or another S3-compatible store; None = AWS S3.",
+        description="S3 API endpoint of MinIO or another S3-compatible store; null = AWS S3.",
     )
     region: str | None = Field(
-        None, pattern=r"^[a-z0-9-]+$", description="Bucket region; None = boto3's default (AWS_DEFAULT_REGION)."
+        None, pattern=r"^[a-z0-9-]+$", description="Bucket region; null = boto3's default (AWS_DEFAULT_REGION)."
     )
 
     @field_validator("s3_prefix", mode="before")
@@ -557,7 +557,7 @@ class ModelSpec(_Strict):
     quantize: dict[str, Any] = Field(default_factory=dict, description="Overrides of the quantize: section.")
     cluster: dict[str, Any] = Field(default_factory=dict, description="Overrides of the cluster: section.")
     qat: dict[str, Any] = Field(default_factory=dict, description="Overrides of the qat: section.")
-    recipes: list[str] | None = Field(None, description="Names of the fleet's recipes to run (None = all).")
+    recipes: list[str] | None = Field(None, description="Names of the fleet's recipes to run (null = all).")
     search: dict[str, Any] = Field(default_factory=dict, description="Overrides of the search: section.")
     gate: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of the gate: section (optional: no stage reads it)."
