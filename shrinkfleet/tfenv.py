@@ -44,6 +44,10 @@ def quiet_native_stderr() -> Iterator[None]:
             os.close(saved)
 
 
+if os.environ.get("TF_USE_LEGACY_KERAS") not in ("1", "true", "True"):  # (TensorFlow's own test of it)
+    raise ImportError(f"TF_USE_LEGACY_KERAS={os.environ.get('TF_USE_LEGACY_KERAS')} is set: shrinkfleet needs "
+                      "Keras 2 (tf_keras), since TFMOT does not support Keras 3; unset it or set it to 1")
+
 with quiet_native_stderr():
     import tensorflow as tf
     import tf_keras as keras

@@ -92,33 +92,6 @@ def test_decode_restores_the_flatbuffer_and_refuses_garbage(tmp_path):
     assert not (tmp_path / "x.tflite").exists()
 
 
-EXIT_SCRIPT = """
-import atexit, sys, threading, time
-from pathlib import Path
-from shrinkfleet.cli import exit_without_teardown
-out = Path(sys.argv[1])
-atexit.register(lambda: out.with_suffix(".atexit").write_text("ran"))
-threading.Thread(target=lambda: (time.sleep(0.5), out.with_suffix(".thread").write_text("done"))).start()
-print("buffered line", end="")
-exit_without_teardown(int(sys.argv[2]) if sys.argv[2].isdigit() else sys.argv[2])
-"""
-
-
-@pytest.mark.parametrize(("code", "status"), [("0", 0), ("3", 3), ("no such model", 1)])
-def test_the_command_exits_with_its_status_after_threads_atexit_and_output(tmp_path, code, status):
-    import subprocess
-    import sys
-
-    out = tmp_path / "marker"
-    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(out), code], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == status
-    assert done.stdout == "buffered line"  # flushed, though the process ends with os._exit
-    assert out.with_suffix(".atexit").read_text() == "ran"
-    assert out.with_suffix(".thread").read_text() == "done"  # a running non-daemon thread is waited for
-    assert ("no such model" in done.stderr) == (status == 1)
-
-
 def _in_a_terminal(cmd: list[str], env: dict[str, str], timeout: float = 120) -> str:
     """What ``cmd`` prints to a pseudo-terminal (Prefect's telemetry notice shows only in one)."""
     import os
