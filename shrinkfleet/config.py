@@ -202,6 +202,10 @@ class ApplicationArch(_TrainOverrides):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of the constructor, e.g. {alpha: 0.35}; input shape, "
         "classes and weights come from the dataset.")
+    batchnorm_momentum: float | None = Field(
+        0.9, gt=0, lt=1, description="Momentum of every BatchNormalization layer's moving statistics; null keeps the "
+        "constructor's (0.999 in MobileNet and EfficientNet: after a few epochs from scratch their statistics are "
+        "still those of the initialisation, and the trained model predicts at chance).")
 
     @field_validator("options")
     @classmethod

@@ -128,6 +128,11 @@ def build_application(arch: ApplicationArch, input_shape: Sequence[int], num_cla
         model = ctor(**kwargs)
     except (TypeError, ValueError) as exc:  # e.g. "Input size must be at least 32x32"
         raise ArchError(f"application {arch.name} on inputs {tuple(input_shape)}: {exc}") from None
+    if arch.batchnorm_momentum is not None:
+        # Saved in each layer's config: every later stage (clone, prune, QAT) keeps it.
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = arch.batchnorm_momentum
     return keras.Model(model.inputs, model.outputs, name=name)
 
 

@@ -9,6 +9,7 @@ import time
 import zipfile
 
 import numpy as np
+import pytest
 
 from shrinkfleet import zoo
 from shrinkfleet.config import CnnArch, MlpArch
@@ -58,3 +59,32 @@ def test_conversion_and_coding_are_reproducible():
         first, second = to_tflite(model, mode, rep), to_tflite(model, mode, rep)
         assert first == second, mode
         assert encode_best(first) == encode_best(second), mode
+
+
+@pytest.mark.slow
+def test_an_application_trained_briefly_from_scratch_predicts_from_its_own_statistics():
+    """MobileNetV2's BatchNormalization layers come with momentum 0.999: after a few epochs from scratch
+    their moving statistics are still the initial ones, and the model predicts at chance outside training.
+    shrinkfleet builds applications with momentum 0.9 (``batchnorm_momentum``); null keeps the constructor's."""
+    import dataclasses
+
+    from shrinkfleet.config import ApplicationArch, SplitConfig, TrainConfig
+    from shrinkfleet.datasets import Split, load_sklearn, prepare
+    from shrinkfleet.evaluation import accuracy_of
+    from tasks.teacher import train_teacher
+
+    digits = prepare(load_sklearn("digits"), SplitConfig(), seed=0)
+
+    def upscaled(s: Split) -> Split:  # 8x8 digits as 32x32 images (MobileNetV2's smallest input)
+        return Split(np.kron(s.x, np.ones((1, 4, 4, 1), dtype=s.x.dtype)), s.y)
+
+    data = dataclasses.replace(digits, train=upscaled(digits.train), val=upscaled(digits.val),
+                               test=upscaled(digits.test), meta={**digits.meta, "input_shape": [32, 32, 1]})
+    cfg = TrainConfig(epochs=3, batch_size=32, learning_rate=2e-3, patience=0)
+    accuracy = {}
+    for momentum in (0.9, None):
+        arch = ApplicationArch(name="MobileNetV2", options={"alpha": 0.35}, batchnorm_momentum=momentum)
+        model, _ = train_teacher(arch, cfg, data, seed=0)
+        accuracy[momentum] = accuracy_of(lambda x, m=model: m.predict(x, verbose=0), data.test.x, data.test.y)
+    assert accuracy[0.9] >= 0.6, accuracy
+    assert accuracy[None] <= 0.3, accuracy  # the control: the constructor's momentum, the same training
