@@ -55,8 +55,9 @@ def capped_default_fleet() -> dict:
 def direct(project: Path) -> None:
     """Every stage of every model in this process, then tracking, gate, registry and report."""
     sys.path.insert(0, str(project))
+    from shrinkfleet import registration as register
     from shrinkfleet import report, tracking
-    from tasks import common, compress, distill, evaluate, prepare, prune, register, teacher
+    from tasks import common, compress, distill, evaluate, prepare, prune, teacher
 
     ctx = common.context(project)
     fleet, ws = ctx.fleet, ctx.ws

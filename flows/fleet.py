@@ -30,31 +30,17 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from shrinkfleet import locks, pipeline, remote, report, storage, tracking, versioning
+from shrinkfleet import registration as register
 from shrinkfleet.config import ConfigError, RunConfig, load_params, load_snapshot, select_models
 from shrinkfleet.pipeline import stage_name
 from shrinkfleet.workspace import Workspace
-from tasks import register
 from tasks.common import is_transient
-from tasks.stages import (
-    compress_task,
-    distill_task,
-    evaluate_task,
-    preload,
-    prepare_task,
-    prune_task,
-    teacher_task,
-)
+from tasks.stages import TASKS, preload
 
 log = logging.getLogger("shrinkfleet")
 
-MODEL_TASKS = (
-    ("teacher", teacher_task),
-    ("distill", distill_task),
-    ("prune", prune_task),
-    ("compress", compress_task),
-    ("evaluate", evaluate_task),
-)
-STAGE_NAMES = ("prepare", *(name for name, _ in MODEL_TASKS))
+MODEL_TASKS = tuple((kind, TASKS[kind]) for kind in pipeline.MODEL_STAGE_KINDS)
+STAGE_NAMES = pipeline.STAGE_KINDS
 
 # The CLI sets this to draw progress; a deployment run falls back to printing.
 progress_hook: Callable[[dict[str, Any]], None] | None = None
@@ -489,7 +475,7 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
                 for m in users[ds]:
                     next_stage(m, None)
             else:
-                dispatch.add((-1, 0), prepare_task.with_options(**opts), {"dataset": ds, **common},
+                dispatch.add((-1, 0), TASKS["prepare"].with_options(**opts), {"dataset": ds, **common},
                              owner=(None, ds))
         # The first stages start (and the workers load TensorFlow) while MLflow is set up.
         dispatch.pump()

@@ -20,10 +20,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from shrinkfleet.config import Snapshot
+from shrinkfleet.pipeline import STAGE_KINDS
 from tasks.common import execute, is_transient
 
 GPU = ["gpu"]
-STAGE_MODULES = ("prepare", "teacher", "distill", "prune", "compress", "evaluate")
+STAGE_MODULES = STAGE_KINDS  # tasks.<kind> runs each kind of shrinkfleet.pipeline.KINDS
 log = logging.getLogger("shrinkfleet")
 
 
@@ -133,3 +134,10 @@ def compress_task(model: str, root: str, config: Snapshot, use_dvc: bool = True,
 def evaluate_task(model: str, root: str, config: Snapshot, use_dvc: bool = True, force: bool = False) -> dict:
     """Measure every variant of one model unless DVC reports it up to date."""
     return _run("evaluate", model, root, config, use_dvc, force)
+
+
+# The task of every stage kind, in the registry's order (see shrinkfleet.pipeline.KINDS).
+TASKS = {"prepare": prepare_task, "teacher": teacher_task, "distill": distill_task, "prune": prune_task,
+         "compress": compress_task, "evaluate": evaluate_task}
+if tuple(TASKS) != STAGE_KINDS:  # pragma: no cover (a stage kind added to the registry without its task)
+    raise ImportError(f"tasks.stages defines tasks for {tuple(TASKS)}; shrinkfleet.pipeline.KINDS has {STAGE_KINDS}")

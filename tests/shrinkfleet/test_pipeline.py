@@ -27,6 +27,29 @@ def test_the_committed_dvc_yaml_is_what_sync_writes_for_params_yaml(monkeypatch)
     assert pipeline.render(load_params(REPO / "params.yaml")) == committed
 
 
+def test_dvc_yaml_the_prefect_tasks_and_shrinkfleet_stage_derive_from_one_stage_registry(tiny_params):
+    """pipeline.KINDS names every kind of stage once: dvc.yaml's stages and commands, the flow's tasks
+    and the modules `shrinkfleet stage` runs are those kinds, in that order."""
+    import importlib
+
+    from flows.fleet import MODEL_TASKS, STAGE_NAMES
+    from tasks.stages import TASKS
+
+    fleet = parse_params(tiny_params)
+    written = yaml.safe_load(pipeline.render(fleet))["stages"]
+    seen = set()
+    for name, stage in written.items():
+        kind, target = pipeline.split_stage_name(name)
+        assert stage["cmd"].split(" --")[0] == f"shrinkfleet stage {kind} {target}", name
+        seen.add(kind)
+    assert seen == set(pipeline.STAGE_KINDS)
+    assert tuple(TASKS) == STAGE_NAMES == pipeline.STAGE_KINDS
+    assert tuple(kind for kind, _ in MODEL_TASKS) == pipeline.MODEL_STAGE_KINDS
+    assert {TASKS[k].name for k in TASKS} == set(pipeline.STAGE_KINDS)
+    for kind in pipeline.STAGE_KINDS:  # what `shrinkfleet stage <kind>` imports and calls
+        assert callable(importlib.import_module(f"tasks.{kind}").run), kind
+
+
 @pytest.mark.parametrize("spec", [
     {"source": "npz", "path": "data/raw/nightly.npz", "kind": "tabular"},
     {"source": "mnist", "path": "../shared/datasets/mnist-t10k"},

@@ -1,0 +1,176 @@
+"""The pipeline's own commands: `stage` (what `dvc repro` calls), `sync`, `validate`, `report`, `decode`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from shrinkfleet.cli.common import (
+    ParamsOpt,
+    RootOpt,
+    _fail,
+    _load,
+    _paths,
+    _sync_pipeline,
+    app,
+    console,
+    err,
+    preflight,
+)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="prepare | teacher | distill | prune | compress | evaluate")],
+    target: Annotated[str, typer.Argument(help="A dataset name (prepare) or a model name (other stages).")],
+    sklearn_version: Annotated[
+        str | None, typer.Option("--sklearn-version", help="prepare of a bundled set: the scikit-learn release "
+                                 "dvc.yaml was written for (refused if this environment has another).")
+    ] = None,
+    params: ParamsOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """Run one stage for one target, without Prefect or DVC bookkeeping (what dvc.yaml calls).
+
+    Refuses to run when dvc.yaml is behind params.yaml: what DVC would record as this stage's
+    inputs would not be what it read (`shrinkfleet sync` rewrites dvc.yaml).
+    """
+    from shrinkfleet import pipeline, versioning
+    from shrinkfleet.config import ConfigError
+    from shrinkfleet.datasets import DatasetError
+
+    if name not in pipeline.STAGE_KINDS:
+        _fail(f"unknown stage {name!r}; one of: {', '.join(pipeline.STAGE_KINDS)}")
+    root, params = _paths(root, params)
+    fleet = _load(params)
+    names = fleet.datasets if name == "prepare" else fleet.models
+    if target not in names:
+        kind = "dataset" if name == "prepare" else "model"
+        _fail(f"{target!r} is not a {kind} of the fleet (one of: {', '.join(names)})")
+    if sklearn_version is not None and sklearn_version != pipeline.sklearn_version():
+        _fail(f"dvc.yaml was written for scikit-learn {sklearn_version}, this environment has "
+              f"{pipeline.sklearn_version()}: run `shrinkfleet sync` (then prepare-{target} re-runs)")
+    if versioning.is_dvc_repo(root) and params == root / "params.yaml":
+        behind = pipeline.changes(root, fleet)
+        if behind:
+            _fail(f"dvc.yaml is behind {params.name} ({pipeline.summary(behind)}): run `shrinkfleet sync`, "
+                  "then `dvc repro` again")
+    import importlib
+
+    from tasks.common import context
+
+    module = importlib.import_module(f"tasks.{name}")
+    start = time.perf_counter()
+    try:
+        summary = module.run(context(root, params), target)
+    except (ConfigError, DatasetError) as exc:
+        _fail(str(exc))
+    console.print(f"{pipeline.stage_name(name, target)}: done in {time.perf_counter() - start:.1f}s {summary}",
+                  highlight=False)
+
+
+@app.command()
+def sync(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
+    """Write dvc.yaml from params.yaml: one DVC stage per dataset in use and per model stage.
+
+    `shrinkfleet run` does this itself; run it before a bare `dvc repro` after editing the fleet.
+    """
+    root, params = _paths(root, params)
+    fleet = _load(params)
+    if params != root / "params.yaml":
+        _fail(f"DVC tracks {root / 'params.yaml'}; dvc.yaml is written from that file only")
+    if not _sync_pipeline(root, params, fleet):
+        console.print(f"{root / 'dvc.yaml'} is up to date with {params.name}")
+
+
+@app.command()
+def validate(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
+    """Check params.yaml and everything a run needs, without running or writing anything.
+
+    Keys, types and ranges; every dataset file, loaded and checked; the output folders; the
+    MLflow server in MLFLOW_TRACKING_URI; S3 credentials when remote storage is configured.
+    """
+    root, params = _paths(root, params)
+    fleet = _load(params)
+    problems = preflight(fleet, params, root, fleet.model_names())
+    if problems:
+        _fail("\n  ".join([f"{params}:", *problems]))
+    console.print(f"{params}: fleet [cyan]{fleet.fleet}[/] is valid: {len(fleet.models)} model(s) "
+                  f"({', '.join(fleet.models)}) on {len(fleet.datasets_in_use())} dataset(s)")
+    from shrinkfleet import pipeline, versioning
+
+    if versioning.is_dvc_repo(root) and params == root / "params.yaml" and (behind := pipeline.changes(root, fleet)):
+        err.print(f"[yellow]note:[/] dvc.yaml is behind {params.name} ({escape(pipeline.summary(behind))}); "
+                  "the next `shrinkfleet run` (or `shrinkfleet sync`) rewrites it", soft_wrap=True)
+
+
+@app.command()
+def report(
+    models: Annotated[str | None, typer.Option("--models", "--model", "-m",
+                                               help="Comma-separated models (default: all).")] = None,
+    since: Annotated[str | None, typer.Option(help="Only runs this recent: 30m, 12h, 7d, 2w (default: all).")] = None,
+    params: ParamsOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """Rebuild reports/fleet.md and fleet.html from MLflow and print the variant table.
+
+    Each model's latest finished run (within --since) gives its variants; the trend plots
+    show what production served after each run.
+    """
+    import datetime as dt
+
+    from shrinkfleet import report as rep
+    from shrinkfleet import tracking
+    from shrinkfleet.workspace import Workspace
+
+    root, params = _paths(root, params)
+    fleet = _load(params)
+    try:
+        cutoff = dt.datetime.now(dt.UTC) - rep.parse_since(since) if since else None
+    except ValueError as exc:
+        _fail(str(exc))
+    wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    unknown = sorted(set(wanted or []) - set(fleet.model_names()))
+    if unknown:
+        _fail(f"--models: {', '.join(unknown)} not in {params.name} (fleet: {', '.join(fleet.model_names())})")
+    experiment_id = tracking.setup(root, fleet.fleet)
+    docs = rep.docs_from_mlflow(experiment_id, wanted, cutoff)
+    if not docs:
+        window = f" in the last {since}" if since else ""
+        _fail(f"no finished model runs{window} in MLflow ({tracking.tracking_uri(root)}): run `shrinkfleet run` first",
+              code=1)
+    trends = rep.trends_from_mlflow(experiment_id, wanted, cutoff)
+    latest = max(d["time"] for d in docs.values())
+    path = rep.write_report(Workspace(root), docs, {}, {
+        "fleet": fleet.fleet, "rebuilt from": tracking.tracking_uri(root),
+        "latest run": latest.strftime("%Y-%m-%d %H:%M:%S UTC"), "window": since or "all runs",
+        "models": ", ".join(docs)}, trends=trends)
+    console.print(rep.markdown(rep.formatted(rep.variant_table(docs))))
+    console.print(f"\nwrote {path} and {path.with_suffix('.html')}")
+
+
+@app.command()
+def decode(
+    blob: Annotated[Path, typer.Argument(help="An entropy-coded variant (models/<model>/variants/<name>.sfc).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .tflite flatbuffer.")],
+) -> None:
+    """Decode a .sfc blob back to its .tflite flatbuffer (byte-identical to the variant)."""
+    from shrinkfleet import coding
+    from shrinkfleet.storage import atomic_path
+
+    try:
+        content = coding.decode(blob.read_bytes())
+    except OSError as exc:
+        _fail(f"{blob}: {exc.strerror}")
+    except coding.CodingError as exc:
+        _fail(f"{blob}: {exc}")
+    with atomic_path(out.resolve(), suffix=".tflite") as tmp:
+        tmp.write_bytes(content)
+    console.print(f"{blob} ({blob.stat().st_size:,} B) -> {out} ({len(content):,} B)")
+
+
+# ----------------------------------------------------------------------------- registry
