@@ -132,11 +132,27 @@ def mnist_dir() -> Path:
     return SHARED_MNIST
 
 
-def shrinkfleet_cmd(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run the installed ``shrinkfleet`` console script as a user would."""
+def shrinkfleet_cmd(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900,
+                    prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run the installed ``shrinkfleet`` console script as a user would (``prefix``: a command it runs under)."""
     exe = Path(sys.executable).with_name("shrinkfleet")
     # A test's own servers are passed in ``env``; ones configured in the calling shell are not used.
     full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
     full_env.update(env or {})
-    return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+    return subprocess.run([*prefix, str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def without_root_privileges() -> tuple[str, ...]:
+    """A command prefix under which permission bits hold for this process, root or not.
+
+    Root writes through permission bits (CAP_DAC_OVERRIDE), and CI runs the suite as root. In a
+    new user namespace (``unshare --user``) the same user keeps its files but loses that
+    capability over them, so a folder made read-only is read-only again. Not root: no prefix.
+    """
+    if os.geteuid() != 0:
+        return ()
+    probe = subprocess.run(["unshare", "--user", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"running as root and cannot drop the privilege (unshare --user: {probe.stderr.strip()})")
+    return ("unshare", "--user")
