@@ -14,6 +14,7 @@ which model failed at which stage.
 """
 
 import contextlib
+import contextvars
 import datetime as dt
 import heapq
 import logging
@@ -42,8 +43,10 @@ log = logging.getLogger("shrinkfleet")
 MODEL_TASKS = tuple((kind, TASKS[kind]) for kind in pipeline.MODEL_STAGE_KINDS)
 STAGE_NAMES = pipeline.STAGE_KINDS
 
-# The CLI sets this to draw progress; a deployment run falls back to printing.
-progress_hook: Callable[[dict[str, Any]], None] | None = None
+# Where this run's progress events go: the callback given to run_fleet (the CLI draws bars with
+# it), for the duration of that call only; a deployment run has none and prints them.
+_on_event: contextvars.ContextVar[Callable[[dict[str, Any]], None] | None] = contextvars.ContextVar(
+    "shrinkfleet_on_event", default=None)
 ENGINES = ("process", "dask")
 
 
@@ -332,8 +335,8 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _emit(event: dict[str, Any]) -> None:
-    if progress_hook is not None:
-        progress_hook(event)
+    if (on_event := _on_event.get()) is not None:
+        on_event(event)
         return
     status = event["status"]
     extra = f" ({event['seconds']:.1f}s)" if "seconds" in event else ""
@@ -406,8 +409,8 @@ def fleet_flow(
 
 def _notice(text: str) -> None:
     """A line the user should see whatever the log level (the CLI prints it; a deployment run logs it)."""
-    if progress_hook is not None:
-        progress_hook({"stage": "notice", "target": "", "status": text})
+    if (on_event := _on_event.get()) is not None:
+        on_event({"stage": "notice", "target": "", "status": text})
     else:
         print(text)
 
@@ -673,8 +676,13 @@ def run_fleet(
     engine: str | None = None,
     dask_address: str | None = None,
     if_busy: str = "wait",
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the fleet flow on the configured Prefect API (or a temporary one), overriding ``run:``.
+
+    ``on_event`` receives every progress event of this run (``{"stage", "target", "status", ...}``:
+    a stage ran, was skipped or failed; ``stage: notice`` for a line to show; ``stage: registry``
+    for what the gate did); without it, events are printed.
 
     With no Prefect API configured and every stage up to date, there is no task to
     orchestrate: the flow's function runs without starting a temporary Prefect server (7 s of
@@ -682,11 +690,22 @@ def run_fleet(
     tagged ``shrinkfleet.prefect=none (nothing to run)``. With ``PREFECT_API_URL`` set, every
     run is a Prefect flow run.
     """
-    from flows.server import discard_early, prefect_api
 
     kwargs = {"params_file": str(params_file), "root": str(root), "models": models, "force": force,
               "use_dvc": use_dvc, "trigger": trigger, "workers": workers, "engine": engine,
               "dask_address": dask_address, "if_busy": if_busy}
+    token = _on_event.set(on_event)
+    try:
+        return _run_fleet(params_file, root, models, use_dvc, force, workers, engine, dask_address, kwargs)
+    finally:
+        _on_event.reset(token)
+
+
+def _run_fleet(params_file: Path, root: Path, models: list[str] | None, use_dvc: bool, force: bool,
+               workers: int | None, engine: str | None, dask_address: str | None, kwargs: dict[str, Any]
+               ) -> dict[str, Any]:
+    from flows.server import discard_early, prefect_api
+
     if not needs_prefect_run(params_file, root, models, use_dvc, force):
         discard_early()
         return fleet_flow.fn(**kwargs)

@@ -172,13 +172,9 @@ def _run_with_progress(params: Path, root: Path, names: list[str], force: bool, 
                 label = "done" if done >= len(fleet_flow.STAGE_NAMES) else f"{event['stage']} {event['status']}"
                 progress.update(bars[m], description=f"{m}: {label}")
 
-    fleet_flow.progress_hook = hook
-    try:
-        with progress:
-            return fleet_flow.run_fleet(params, root, names, force=force, use_dvc=use_dvc, trigger=trigger,
-                                        workers=workers, engine=engine, dask_address=dask_address)
-    finally:
-        fleet_flow.progress_hook = None
+    with progress:
+        return fleet_flow.run_fleet(params, root, names, force=force, use_dvc=use_dvc, trigger=trigger,
+                                    workers=workers, engine=engine, dask_address=dask_address, on_event=hook)
 
 
 def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapsed: float) -> None:
