@@ -470,6 +470,7 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
                          owner=(model, stage), upstream=upstream)
 
         finished: list[str] = []
+        stage_cpu = 0.0  # CPU seconds the stages' work took in the workers, each stage once
         for ds in datasets:
             if stage_name("prepare", ds) in skip:
                 for m in users[ds]:
@@ -535,6 +536,7 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
             stage = "prepare" if model is None else stage_or_ds
             target = stage_or_ds if model is None else model
             if kind == "ok":
+                stage_cpu += float(value.get("cpu_seconds", 0.0))
                 for m in affected:
                     results[m]["stages"][stage] = value["status"]
                     results[m]["workers"][stage] = value.get("worker", "")
@@ -567,7 +569,8 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
         }, outcomes={m: results[m] for m in docs}, trends=report.trends_from_mlflow(experiment_id, names))
 
         mlflow.log_artifacts(str(path.parent), artifact_path="report")
-        mlflow.log_metrics({"models_ok": len(names) - len(failures), "models_failed": len(failures)})
+        mlflow.log_metrics({"models_ok": len(names) - len(failures), "models_failed": len(failures),
+                            "stage_cpu_seconds": stage_cpu})
         if failures:
             mlflow.set_tag("shrinkfleet.failed_models", ",".join(failures))
     return {"models": results, "report": str(path), "parent_run_id": parent_run_id, "use_dvc": use_dvc,

@@ -110,7 +110,8 @@ def execute(
     the next run checks it again against the edited file.
 
     Returns:
-        ``{"stage", "target", "status": "ran" | "skipped", "seconds", "worker", **fn's summary}``.
+        ``{"stage", "target", "status": "ran" | "skipped", "seconds", "cpu_seconds" (of the work, when it
+        ran), "worker", **fn's summary}``.
     """
     ctx = context(root, config)
     dvc_stage = stage_name(stage, target)
@@ -127,10 +128,13 @@ def execute(
     from shrinkfleet.tfenv import quiet_native_stderr
 
     # TensorFlow/LiteRT's C++ notes (cuInit on CPU hosts, XNNPACK) are replayed only on failure.
+    cpu = time.process_time()
     with quiet_native_stderr(), faults.stage(stage, target, ctx.ws.root):
         summary = fn(ctx, target)
+    cpu = time.process_time() - cpu  # this worker process's CPU (every thread) while the stage worked
     if use_dvc:
         versioning.commit(ctx.ws.root, dvc_stage)
     seconds = time.perf_counter() - start
     log.info("%s finished in %.1fs", dvc_stage, seconds)
-    return {"stage": stage, "target": target, "status": "ran", "seconds": seconds, "worker": worker_id(), **summary}
+    return {"stage": stage, "target": target, "status": "ran", "seconds": seconds, "cpu_seconds": cpu,
+            "worker": worker_id(), **summary}

@@ -51,6 +51,11 @@ def test_fanout_quick(tmp_path):
     doc = _run("fanout", tmp_path, "--models", "1")
     _repetitions(doc, {"1", "2"})
     assert f"speedup 2 vs 1 worker: {doc['speedup']:.2f}x" in doc["_stdout"]
+    # The stages' CPU (measured in the workers) is part of the whole tree's (measured around it), never all of it.
+    for runs in doc["cpu_seconds"].values():
+        assert all(0 < r["stages"] < r["total"] for r in runs)
+    assert 0 < doc["cpu_outside_stages_share"] < 1
+    assert f"CPU outside the stages' work, 2 workers: {doc['cpu_outside_stages_share']:.1%}" in doc["_stdout"]
 
 
 @pytest.mark.slow
