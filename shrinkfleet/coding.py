@@ -165,7 +165,7 @@ def _gaps(nonzero: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def _positions(gaps: np.ndarray) -> np.ndarray:
+def gap_positions(gaps: np.ndarray) -> np.ndarray:
     pos, out = -1, []
     skip = 0
     for g in gaps.tolist():
@@ -295,7 +295,7 @@ def decode(blob: bytes) -> bytes:
             values = book[streams["values"]]
         else:
             values = np.zeros(t["count"], dtype=book.dtype)
-            values[_positions(streams["gaps"])] = book[streams["values"]]
+            values[gap_positions(streams["gaps"])] = book[streams["values"]]
         data = values.astype(_DTYPES[t["dtype"]]).tobytes()
         if len(data) != t["length"]:
             raise CodingError(f"tensor at {t['start']}: decoded {len(data)} bytes, expected {t['length']}")

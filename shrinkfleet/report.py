@@ -252,7 +252,7 @@ def _save(fig: Any, path: Path, metadata: dict[str, str] | None = None) -> None:
 PLOT_KEY = "shrinkfleet-plot-key"
 
 
-def _plot_key(fn: Any, doc: dict[str, Any]) -> str:
+def plot_key(fn: Any, doc: dict[str, Any]) -> str:
     """What a plot depends on: the plotting function's code and the model's metrics document."""
     h = hashlib.sha256(_code_digest(fn.__code__))
     h.update(json.dumps(doc, sort_keys=True, default=str).encode())
@@ -276,7 +276,7 @@ def _plot_if_changed(fn: Any, doc: dict[str, Any], path: Path) -> None:
 
     The key is stored in the PNG's own text metadata, so an edited or foreign file is redrawn.
     """
-    key = _plot_key(fn, doc)
+    key = plot_key(fn, doc)
     if path.is_file():
         from PIL import Image
 

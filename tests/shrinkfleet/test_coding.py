@@ -89,4 +89,4 @@ def test_gap_coding_handles_long_runs():
     positions = np.array([0, 3, 600, 601, 5000])
     gaps = coding._gaps(positions)
     assert (gaps <= coding.GAP_ESCAPE).all()
-    assert coding._positions(gaps).tolist() == positions.tolist()
+    assert coding.gap_positions(gaps).tolist() == positions.tolist()

@@ -176,11 +176,11 @@ def test_a_plot_key_is_the_same_in_another_process():
     (nested functions and comprehensions are code objects whose repr holds an address)."""
     doc = {"model": "m", "variants": {}}
     script = ("import json, sys; from shrinkfleet import report; "
-              "print(json.dumps([report._plot_key(f, json.loads(sys.argv[1])) "
+              "print(json.dumps([report.plot_key(f, json.loads(sys.argv[1])) "
               "for f in (report.plot_model, report.plot_waterfall)]))")
     out = subprocess.run([sys.executable, "-c", script, json.dumps(doc)], capture_output=True, text=True,
                          check=True, cwd=Path(report.__file__).parents[1])
-    assert json.loads(out.stdout) == [report._plot_key(f, doc) for f in (report.plot_model, report.plot_waterfall)]
+    assert json.loads(out.stdout) == [report.plot_key(f, doc) for f in (report.plot_model, report.plot_waterfall)]
 
 
 def test_dvc_plots_show_renders_the_report(store, tmp_path, tiny_params):
