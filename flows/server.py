@@ -10,9 +10,8 @@ The server takes about 6 s to come up on 2 cores. ``shrinkfleet run`` launches i
 command checks its inputs and imports Prefect; :func:`prefect_api` then waits for it (or
 launches one itself when nobody did). The process is the one Prefect's own
 ``SubprocessASGIServer`` runs (uvicorn serving ``prefect.server.api.server:create_app``
-with the UI off, through :func:`server_app`, which fixes one SQLite contention first),
-launched here without importing Prefect's server package into this process, which alone
-costs about 2.5 s of CPU. It sends no telemetry.
+with the UI off), launched here without importing Prefect's server package into this
+process, which alone costs about 2.5 s of CPU. It sends no telemetry.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 STARTUP_TIMEOUT_S = 120.0
 
@@ -69,9 +66,8 @@ class TemporaryServer:
         # machine without internet), unless the user's settings ask for it.
         env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).resolve().parents[1]), "--factory",
-             "flows.server:server_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL)
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> str:
@@ -111,41 +107,6 @@ class TemporaryServer:
             self.process.kill()
             self.process.wait()
         self.process = None
-
-
-def server_app() -> Any:
-    """The temporary server's ASGI app (uvicorn's factory): Prefect's, with :func:`no_write_without_limits`."""
-    from prefect.server.api.server import create_app
-
-    no_write_without_limits()
-    return create_app()
-
-
-def no_write_without_limits() -> None:
-    """Acquiring slots of no concurrency limit at all succeeds without writing to the database.
-
-    Every task with a tag (every stage has ``gpu``) asks the server for slots of its tags'
-    limits as it starts. With no limit defined, Prefect 3.9 still runs an ``UPDATE`` matching
-    no row inside a transaction that began by reading; on SQLite, when another write (a task
-    state) committed meanwhile, that read-to-write upgrade fails at once with "database is
-    locked", the API answers 503 and the worker retries two seconds later. Measured: 1.6 to
-    2.5 s lost on about one task in seven. With no limit ids the answer is "acquired" without
-    the statement, exactly what its ``rowcount == 0`` comparison returned; with limits,
-    Prefect's code runs unchanged.
-    """
-    from prefect.server.models import concurrency_limits_v2 as limits
-
-    increment = limits.bulk_increment_active_slots
-    if getattr(increment, "skips_empty", False):
-        return
-
-    async def bulk_increment_active_slots(*args: Any, **kwargs: Any) -> bool:
-        if not kwargs.get("concurrency_limit_ids", True):
-            return True
-        return await increment(*args, **kwargs)
-
-    bulk_increment_active_slots.skips_empty = True  # type: ignore[attr-defined]
-    limits.bulk_increment_active_slots = bulk_increment_active_slots
 
 
 _early: TemporaryServer | None = None

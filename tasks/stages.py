@@ -8,7 +8,8 @@ for nothing (which a rerun with every stage up to date would otherwise pay for).
 Every task: retried on transient failures (the flow sets the count from ``run.retries``),
 skipped when DVC reports the stage up to date (see :func:`tasks.common.execute`), never
 cached by Prefect (DVC decides what is up to date). The training stages carry the ``gpu``
-tag, so a Prefect tag concurrency limit on ``gpu`` bounds how many train at once.
+tag, so a Prefect tag concurrency limit on ``gpu`` bounds how many train at once; the flow
+drops the tag for a run whose API has no such limit (see ``flows.fleet.gpu_limit_exists``).
 """
 
 from __future__ import annotations

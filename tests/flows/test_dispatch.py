@@ -182,26 +182,3 @@ def test_a_worker_gets_the_settings_object_itself_and_the_same_settings():
         got = get_current_settings()
         assert got == expected and got.api.url == "http://127.0.0.1:9/api" and got.tasks.default_retries == 4
 
-
-def test_the_temporary_server_grants_slots_of_no_limit_without_writing(monkeypatch):
-    import asyncio
-
-    from prefect.server.models import concurrency_limits_v2 as limits
-
-    from flows import server
-
-    calls = []
-
-    async def prefects(*args, **kwargs):  # stands for Prefect's UPDATE
-        calls.append(kwargs["concurrency_limit_ids"])
-        return False
-
-    monkeypatch.setattr(limits, "bulk_increment_active_slots", prefects)
-    server.no_write_without_limits()
-    patched = limits.bulk_increment_active_slots
-    assert asyncio.run(patched(session=None, concurrency_limit_ids=[], slots=1)) is True
-    assert calls == []  # no statement, so no write lock to wait for
-    assert asyncio.run(patched(session=None, concurrency_limit_ids=["gpu-limit"], slots=1)) is False
-    assert calls == [["gpu-limit"]]  # a real limit: Prefect's code decides
-    server.no_write_without_limits()
-    assert limits.bulk_increment_active_slots is patched  # applied once
