@@ -144,7 +144,7 @@ def prefect_api() -> Iterator[str]:
         yield configured
         return
     server, _early = _early or TemporaryServer(), None
-    saved, saved_global = os.environ.get("PREFECT_API_URL"), prefect.context.GLOBAL_SETTINGS_CONTEXT
+    saved = os.environ.get("PREFECT_API_URL")
     try:
         url = server.wait_ready()
         get_logger("prefect").info("Started a temporary Prefect server on %s for this run", url)
@@ -167,4 +167,4 @@ def prefect_api() -> Iterator[str]:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = saved
-        prefect.context.GLOBAL_SETTINGS_CONTEXT = saved_global  # exactly what it was, whatever the env says now
+        prefect.context.refresh_global_settings_context()  # Prefect's global settings follow the env again

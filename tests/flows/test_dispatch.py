@@ -123,7 +123,6 @@ def test_an_early_pool_for_another_run_config_is_stopped_not_used(no_early_pool)
 
 def test_the_temporary_api_is_visible_to_threads(tmp_path, monkeypatch):
     """Prefect's own threads (the process pool's message forwarder) must not start a server of their own."""
-    import prefect.context
     from prefect.settings import get_current_settings
 
     from flows.server import prefect_api
@@ -131,14 +130,18 @@ def test_the_temporary_api_is_visible_to_threads(tmp_path, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     seen: list[str | None] = []
-    before = prefect.context.GLOBAL_SETTINGS_CONTEXT
+    before = get_current_settings().api.url
     with prefect_api() as url:
         t = threading.Thread(target=lambda: seen.append(get_current_settings().api.url))
         t.start()
         t.join()
     assert seen == [url]
     # Afterwards the process is as it was: later runs (and tests) must not see a stopped server.
-    assert "PREFECT_API_URL" not in os.environ and prefect.context.GLOBAL_SETTINGS_CONTEXT is before
+    assert "PREFECT_API_URL" not in os.environ and get_current_settings().api.url == before != url
+    t = threading.Thread(target=lambda: seen.append(get_current_settings().api.url))
+    t.start()
+    t.join()
+    assert seen == [url, before]  # a thread started afterwards sees the settings of before, too
 
 
 def test_prefect_clients_of_a_worker_share_one_tls_context(monkeypatch):
