@@ -26,10 +26,10 @@ run: venv  ## run the default fleet (params.yaml) and print the report
 	$(BIN)/shrinkfleet run
 
 # Two test processes, one test file each at a time: the end-to-end tests mostly wait on servers
-# and subprocesses (the suite takes 18 minutes this way on 2 cores, 32 one after the other).
+# and subprocesses (the suite takes about 25 minutes this way on 2 cores). Slow files start first.
 TEST_WORKERS ?= 2
 test: venv  ## run the whole test suite (slow end-to-end tests included)
-	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 bench: venv  ## every benchmark in bench/, each timed (tables on screen, JSON in bench/results/; see docs/benchmarks.md)
 	$(BIN)/python bench/all.py

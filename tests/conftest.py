@@ -156,3 +156,10 @@ def without_root_privileges() -> tuple[str, ...]:
     if probe.returncode != 0:
         pytest.skip(f"running as root and cannot drop the privilege (unshare --user: {probe.stderr.strip()})")
     return ("unshare", "--user")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow (end-to-end) test files first. ``make test`` hands whole files to two processes in
+    collection order; a long file collected last would run alone at the end while the other
+    process idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # (a stable sort)

@@ -30,6 +30,7 @@ summary = run_fleet(root / "params.yaml", root, use_dvc=False, on_event=events.a
 def test_every_stage_event_goes_to_the_callback_and_none_is_printed(tmp_path):
     params = copy.deepcopy(TINY_PARAMS)
     del params["models"]["cancer-mlp"]
+    params["recipes"] = {"pruned-float32": {"steps": ["float32"]}}  # one recipe: the events are the point
     root = make_project(tmp_path / "p", params, dvc=False)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "PATH": os.environ["PATH"],
            "HOME": os.environ.get("HOME", str(tmp_path)), "PREFECT_HOME": str(tmp_path / "prefect")}

@@ -62,8 +62,18 @@ def test_one_gpu_slot_means_one_training_task_at_a_time(tmp_path, tiny_params):
     tiny_params["recipes"] = {"pruned-int8": {"steps": ["int8"]}}
     project = make_project(tmp_path / "p", tiny_params, dvc=False)
     # A waiting task asks again after this many seconds (Prefect's default is 30).
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.fleet import gpu_limit_exists
+
     with prefect_server(tmp_path, env={"PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}) as api:
+        # What a run asks once, as it starts: it tags its training stages gpu only when the limit exists
+        # (tests/team/test_team_servers.py checks the untagged task runs of a run without one).
+        with temporary_settings({PREFECT_API_URL: api}):
+            assert gpu_limit_exists() is False
         _client_call(api, lambda c: c.create_concurrency_limit(tag="gpu", concurrency_limit=1))
+        with temporary_settings({PREFECT_API_URL: api}):
+            assert gpu_limit_exists() is True
         result = shrinkfleet_cmd("run", "--no-dvc", "--workers", "2", cwd=project, env={"PREFECT_API_URL": api})
         assert result.returncode == 0, result.stdout + result.stderr
 
@@ -76,31 +86,3 @@ def test_one_gpu_slot_means_one_training_task_at_a_time(tmp_path, tiny_params):
     assert all(r.state.is_completed() for r in runs)
     for (_, end, name), (start, _, nxt) in itertools.pairwise(training):
         assert end <= start, f"{name} and {nxt} trained at the same time with one gpu slot"
-
-
-def test_without_a_gpu_limit_no_stage_asks_for_slots(tmp_path, tiny_params):
-    """No limit on the server: the training stages run untagged, so no task asks the server for slots."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.fleet import gpu_limit_exists
-
-    del tiny_params["models"]["cancer-mlp"]
-    tiny_params["recipes"] = {"pruned-int8": {"steps": ["int8"]}}
-    project = make_project(tmp_path / "p", tiny_params, dvc=False)
-    with prefect_server(tmp_path) as api:
-        with temporary_settings({PREFECT_API_URL: api}):
-            assert gpu_limit_exists() is False
-        result = shrinkfleet_cmd("run", "--no-dvc", cwd=project, env={"PREFECT_API_URL": api})
-        assert result.returncode == 0, result.stdout + result.stderr
-
-        async def task_runs(client):
-            return await client.read_task_runs()
-
-        runs = _client_call(api, task_runs)
-        _client_call(api, lambda c: c.create_concurrency_limit(tag="gpu", concurrency_limit=1))
-        with temporary_settings({PREFECT_API_URL: api}):
-            assert gpu_limit_exists() is True
-    names = sorted(r.name for r in runs)
-    assert names == sorted(["prepare-digits", *(f"{s}-digits-mlp" for s in
-                                                 ("teacher", "distill", "prune", "compress", "evaluate"))])
-    assert all(r.state.is_completed() for r in runs) and not any(r.tags for r in runs)

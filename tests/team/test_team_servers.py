@@ -91,6 +91,8 @@ def test_fleet_run_on_team_servers(tmp_path):
             with urllib.request.urlopen(req, timeout=10) as resp:
                 task_runs = json.load(resp)
             assert len(task_runs) == 6 and all(t["state"]["type"] == "COMPLETED" for t in task_runs)
+            # No gpu limit on this server: the training stages ran untagged, asking it for no slots.
+            assert not any(t["tags"] for t in task_runs)
 
         # Both servers kept their state in PostgreSQL, not in a file of their own.
         with psycopg2.connect(host=pg.host, port=pg.port, user=pg.user, dbname="mlflow") as conn, conn.cursor() as cur:
