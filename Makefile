@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test bench docs venv lint clean help
+.PHONY: run test bench compare docs venv lint clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,6 +33,10 @@ test: venv  ## run the whole test suite (slow end-to-end tests included)
 
 bench: venv  ## every benchmark in bench/, each timed (tables on screen, JSON in bench/results/; see docs/benchmarks.md)
 	$(BIN)/python bench/all.py
+
+compare: venv  ## the orchestration benchmarks on commit BEFORE and on this checkout, side by side (bench/compare.py)
+	@test -n "$(BEFORE)" || { echo "make compare BEFORE=<commit>: name the commit to compare with"; exit 2; }
+	$(BIN)/python bench/compare.py --before $(BEFORE)
 
 docs: venv  ## regenerate the parameter reference (docs/configuration.md) and the benchmark table (docs/benchmarks.md)
 	$(BIN)/python -m shrinkfleet.reference

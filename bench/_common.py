@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+# The code a benchmark runs: this checkout, or another one (bench/compare.py sets it, with PYTHONPATH).
+ROOT = Path(os.environ.get("SHRINKFLEET_BENCH_CODE") or Path(__file__).resolve().parents[1]).resolve()
+RESULTS = Path(__file__).resolve().parent / "results"
 SHRINKFLEET = Path(sys.executable).with_name("shrinkfleet")
 
 # A small model: trains in a second or two, still goes through every stage and one recipe.

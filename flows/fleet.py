@@ -1,46 +1,48 @@
 """The fleet flow: every model of params.yaml through prepare > teacher > distill > prune >
 compress (recipes) > evaluate, in parallel worker processes, then tracked in MLflow and reported.
 
-Stages are Prefect tasks (retried on transient failures; training ones tagged ``gpu``)
-that DVC skips when up to date and records when they ran. TensorFlow keeps global state
-per process, so tasks run in worker processes, never threads: a local process pool of
-``run.workers`` processes (``run.engine: process``), or a Dask cluster through prefect-dask
-(``run.engine: dask``), either an existing one (``run.dask_address``) or a local one of
-``run.workers`` processes with one thread each. The flow builds that task runner itself from
+The flow submits a ``prepare`` task per dataset, then one ``model`` task per model
+(:func:`tasks.stages.model_task`) as soon as its dataset is ready; a model task runs that
+model's stages in order as nested Prefect tasks (retried on transient failures; training ones
+tagged ``gpu``) that DVC skips when up to date and records when they ran. TensorFlow keeps
+global state per process, so tasks run in worker processes, never threads, through Prefect's
+own task runners: ``ProcessPoolTaskRunner`` of ``run.workers`` processes (``run.engine:
+process``), or prefect-dask's ``DaskTaskRunner`` (``run.engine: dask``) on an existing cluster
+(``run.dask_address``) or a local one of ``run.workers`` processes with one thread each. The
+runner spreads the models over its workers; the flow only tracks each model in MLflow as its
+task ends, while the workers train the others. The flow builds the task runner itself from
 params.yaml and its parameters, so a deployment run (which calls ``fleet_flow`` directly) and
-``shrinkfleet run`` execute the same way. Every stage result names the worker that ran it.
-A model whose stage fails for good stops there; the others go on, and the run reports
-which model failed at which stage.
+``shrinkfleet run`` execute the same way. Every stage result names the worker that ran it. A
+model whose stage fails for good stops there; the others go on, and the run reports which
+model failed at which stage.
 """
 
 import contextlib
 import contextvars
 import datetime as dt
-import heapq
+import json
 import logging
 import os
-import threading
+import queue
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from prefect import flow
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from shrinkfleet import locks, pipeline, remote, report, storage, tracking, versioning
 from shrinkfleet import registration as register
-from shrinkfleet.config import ConfigError, RunConfig, load_params, load_snapshot, select_models
+from shrinkfleet.config import ConfigError, RunConfig, Snapshot, load_params, load_snapshot, select_models
 from shrinkfleet.pipeline import stage_name
 from shrinkfleet.workspace import Workspace
-from tasks.common import is_transient
-from tasks.stages import TASKS, preload
+from tasks.stages import TASKS, StageFailed, model_task, preload, retry_if_transient
 
 log = logging.getLogger("shrinkfleet")
 
-MODEL_TASKS = tuple((kind, TASKS[kind]) for kind in pipeline.MODEL_STAGE_KINDS)
 STAGE_NAMES = pipeline.STAGE_KINDS
 
 # Where this run's progress events go: the callback given to run_fleet (the CLI draws bars with
@@ -79,7 +81,13 @@ def resolve_run(run: RunConfig, workers: int | None = None, engine: str | None =
 
 
 def task_runner(run: RunConfig) -> TaskRunner:
-    """The task runner ``run:`` asks for; every worker is a process with one stage at a time."""
+    """The task runner ``run:`` asks for: Prefect's own, every worker a process running one model at a time.
+
+    ``engine: process`` is Prefect's ``ProcessPoolTaskRunner`` of ``run.workers`` processes, each
+    loading TensorFlow and the stage modules as it starts (:func:`tasks.stages.preload`);
+    ``engine: dask`` is prefect-dask's ``DaskTaskRunner`` on the cluster at ``run.dask_address``, or
+    on a local cluster of ``run.workers`` processes with one thread each.
+    """
     if run.engine == "dask":
         from prefect_dask import DaskTaskRunner
 
@@ -87,222 +95,22 @@ def task_runner(run: RunConfig) -> TaskRunner:
             return DaskTaskRunner(address=run.dask_address)
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
             "n_workers": run.workers, "threads_per_worker": 1, "processes": True})
-    return WorkerPool(max_workers=run.workers, max_stages_per_worker=run.worker_max_stages)
+    return ProcessPoolTaskRunner(max_workers=run.workers, initializer=preload)
 
 
-class FullPool(ProcessPoolExecutor):
-    """A process pool that starts all its workers with the first task and replaces each one that exits.
-
-    Python 3.11's pool starts a worker per submitted task only while none is idle, so the
-    second worker of a fleet began loading TensorFlow only once the first had work queued
-    behind it; and with ``max_tasks_per_child`` it may skip replacing a worker that exited
-    while another one is idle (python/cpython#115634). Keeping the pool full avoids both.
-    """
-
-    def _adjust_process_count(self) -> None:
-        self._idle_worker_semaphore.acquire(blocking=False)  # (the count of idle workers goes unused)
-        if self._shutdown_thread or self._broken:
-            return
-        while len(self._processes) < self._max_workers:
-            self._spawn_process()
-
-    def terminate(self) -> None:
-        """Stop every worker now, whatever it is doing (a pool nobody will use: no wait for their imports)."""
-        for process in list(self._processes.values()):
-            process.terminate()
-        self.shutdown(wait=True, cancel_futures=True)
-
-
-class WorkerPool(ProcessPoolTaskRunner):
-    """Prefect's process pool task runner on a :class:`FullPool` whose workers are replaced every N stages.
+def models_per_pool(run: RunConfig) -> int | None:
+    """How many model tasks one process pool takes before a fresh pool replaces it; None: no limit.
 
     TensorFlow keeps some memory from every model a process has built (about 15 MB per tiny
-    model measured, whatever ``clear_session`` and ``gc`` do), so a worker that trained a
-    hundred models holds twice what it held after five. ``max_stages_per_worker``
-    (``run.worker_max_stages``) bounds that: the worker exits after that many stages and a
-    fresh one takes its place (a few seconds to load TensorFlow again); 0 never replaces one.
-    Every worker loads TensorFlow and the stage modules as it starts (:func:`tasks.stages.preload`).
+    model measured, whatever ``clear_session`` and ``gc`` do), so a worker that trained a hundred
+    models holds twice what it held after five. Prefect's process pool keeps its workers for its
+    whole life, so after ``run.workers`` x ``run.worker_max_models`` models the flow lets the
+    pool finish and starts a fresh one (a few seconds to load TensorFlow again). A Dask cluster
+    manages its own workers' memory (``distributed.worker.memory``), so it has no such limit.
     """
-
-    def __init__(self, max_workers: int, max_stages_per_worker: int = 0):
-        super().__init__(max_workers=max_workers, initializer=preload)
-        self.max_stages_per_worker = max_stages_per_worker
-
-    def duplicate(self) -> Self:
-        return type(self)(max_workers=self._max_workers, max_stages_per_worker=self.max_stages_per_worker)
-
-    def __enter__(self) -> Self:
-        super().__enter__()
-        # Prefect builds a plain pool (no worker started yet); the same pool, kept full and recycling.
-        plain = self._executor
-        self._executor = FullPool(max_workers=self._max_workers, mp_context=plain._mp_context,
-                                  initializer=plain._initializer, initargs=plain._initargs,
-                                  max_tasks_per_child=self.max_stages_per_worker or None)
-        plain.shutdown(wait=False)
-        return self
-
-    def submit(self, *args: Any, **kwargs: Any) -> Any:
-        with settings_by_reference():
-            return super().submit(*args, **kwargs)
-
-    def start_workers(self) -> None:
-        """Start every worker now (each loads TensorFlow as it starts) instead of with the first stage.
-
-        The call that does it counts as one of the first worker's ``max_stages_per_worker``.
-        """
-        self._executor.submit(os.getpid)
-
-    def fits(self, run: RunConfig) -> bool:
-        """Whether this is the pool ``run:`` asks for."""
-        return (run.engine == "process" and run.workers == self._max_workers
-                and run.worker_max_stages == self.max_stages_per_worker)
-
-    def discard(self) -> None:
-        """Stop a pool no flow will use, without waiting for its workers to finish loading TensorFlow."""
-        if isinstance(self._executor, FullPool):
-            self._executor.terminate()
-        self.__exit__(None, None, None)
-
-
-_by_reference = threading.Lock()
-
-
-@contextlib.contextmanager
-def settings_by_reference() -> Iterator[None]:
-    """Within this block Prefect hands a task's settings to a worker as the Settings object itself.
-
-    Prefect's process pool serializes the settings context for every task it submits: a
-    ``model_dump`` of the whole settings tree (about 30 ms here), which the worker then
-    validates back into a ``Settings`` model, reading the environment and .env sources again
-    (about 90 ms). Five tasks per model, a hundred models: over a minute of CPU. The worker
-    runs on this machine, so the object itself is pickled instead (under 1 ms each way);
-    Prefect's ``hydrated_context`` accepts it as the ``settings`` field as it is. Only
-    :class:`WorkerPool` submissions use this; everything else serializes as Prefect does.
-    """
-    from prefect.context import SettingsContext
-
-    def serialize(self: SettingsContext, include_secrets: bool = True) -> dict[str, Any]:
-        return {"profile": self.profile, "settings": self.settings}
-
-    with _by_reference:
-        original = SettingsContext.serialize
-        SettingsContext.serialize = serialize
-        try:
-            yield
-        finally:
-            SettingsContext.serialize = original
-
-
-# A worker pool started ahead of the flow (see :func:`start_workers_early`).
-_early_pool: WorkerPool | None = None
-
-
-def start_workers_early(run: RunConfig) -> None:
-    """Start the process pool ``run`` asks for now; the next flow run with the same ``run:`` takes it.
-
-    :func:`run_fleet` calls this before it waits for the temporary Prefect server, so the
-    workers start and load TensorFlow (about 6 s each on 2 cores) while the server comes up
-    and the flow sets MLflow up, instead of after. Only for ``engine: process``.
-    """
-    global _early_pool
-    if run.engine != "process" or _early_pool is not None:
-        return
-    _early_pool = WorkerPool(max_workers=run.workers, max_stages_per_worker=run.worker_max_stages).__enter__()
-    _early_pool.start_workers()
-
-
-def discard_early_workers() -> None:
-    """Stop a pool :func:`start_workers_early` started that no flow took."""
-    global _early_pool
-    if _early_pool is not None:
-        _early_pool.discard()
-        _early_pool = None
-
-
-@contextlib.contextmanager
-def _stage_runner(run: RunConfig) -> Iterator[TaskRunner]:
-    """The started task runner the stages go to: the pool started early for this ``run:``, or a new one."""
-    global _early_pool
-    early, _early_pool = _early_pool, None
-    if early is not None and early.fits(run):
-        try:  # (already started)
-            yield early
-        finally:
-            early.__exit__(None, None, None)
-        return
-    if early is not None:
-        early.discard()
-    with task_runner(run) as runner:
-        yield runner
-
-
-def parallel_workers(run: RunConfig) -> int | None:
-    """How many stages run at once: ``run.workers``, or None (unknown) on an existing Dask cluster."""
-    return None if run.engine == "dask" and run.dask_address else run.workers
-
-
-def in_flight_limit(run: RunConfig) -> int | None:
-    """How many stage tasks the flow hands the task runner at once: one per worker, plus one queued.
-
-    The queued one is what a worker takes the moment its stage ends, instead of idling while
-    the flow hears of the end and submits the next stage: a round trip of about 0.1 s, and as
-    long as tracking a model takes when one has just finished (the loop tracks between two
-    stages). None (no limit) for an existing Dask cluster, whose size the cluster decides and
-    whose scheduler queues what it cannot start yet.
-    """
-    workers = parallel_workers(run)
-    return None if workers is None else workers + 1
-
-
-class Dispatcher:
-    """Hands the task runner a stage only once its upstream has finished, at most ``limit`` at a time.
-
-    Why not submit the whole fleet up front with ``wait_for``: Prefect's process pool resolves
-    ``wait_for`` in one thread per worker, each blocking on one upstream in submission order,
-    so a fleet submitted model by model ran one model's chain after another (2 workers were
-    1.13x faster than 1 on 8 models). Here a stage is queued when its upstream finishes and the
-    queue hands out the stage with the smallest key first (the flow uses the model furthest
-    along, then fleet order), so every worker has work and models finish early, their
-    tracking in the flow process overlapping the others' training. With more than one worker
-    the upstream future still goes to ``wait_for`` (already done, it returns at once), so
-    Prefect records the edge; with one, Prefect would warn of a deadlock that cannot happen.
-    ``workers`` is how many run at once (None: unknown, an existing Dask cluster).
-    """
-
-    def __init__(self, runner: TaskRunner, limit: int | None, workers: int | None = None):
-        self.runner, self.limit, self.workers = runner, limit, workers
-        self._ready: list[tuple[Any, int, Any, dict[str, Any], Any, PrefectFuture | None]] = []
-        self._in_flight: dict[PrefectFuture, Any] = {}
-        self._seq = 0
-
-    def add(self, key: Any, task: Any, parameters: dict[str, Any], owner: Any,
-            upstream: PrefectFuture | None = None) -> None:
-        """Queue ``task(**parameters)``; ``owner`` comes back with its future from :meth:`next_done`."""
-        self._seq += 1
-        heapq.heappush(self._ready, (key, self._seq, task, parameters, owner, upstream))
-
-    def pump(self) -> None:
-        """Submit queued stages while a worker is free."""
-        while self._ready and (self.limit is None or len(self._in_flight) < self.limit):
-            _, _, task, parameters, owner, upstream = heapq.heappop(self._ready)
-            # (With one worker Prefect warns that a tagged task waiting on another may deadlock; it cannot here.)
-            wait_for = [upstream] if upstream and (self.workers or 2) > 1 else []
-            future = self.runner.submit(task, parameters, wait_for=wait_for)
-            self._in_flight[future] = owner
-
-    def busy(self) -> bool:
-        return bool(self._in_flight or self._ready)
-
-    def next_done(self) -> tuple[PrefectFuture, Any]:
-        """Block until a submitted stage finishes; its future and owner."""
-        if not self._in_flight:
-            self.pump()
-        finished = as_completed(list(self._in_flight))
-        try:
-            future = next(finished)
-        finally:
-            finished.close()
-        return future, self._in_flight.pop(future)
+    if run.engine != "process" or not run.worker_max_models:
+        return None
+    return run.workers * run.worker_max_models
 
 
 def detect_trigger(explicit: str | None = None) -> str:
@@ -325,15 +133,6 @@ def detect_trigger(explicit: str | None = None) -> str:
     return "schedule" if run.auto_scheduled else "deployment"
 
 
-def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect's retry condition: retry unless :func:`tasks.common.is_transient` says the error is permanent."""
-    try:
-        state.result()
-    except Exception as exc:
-        return is_transient(exc)
-    return True
-
-
 def _emit(event: dict[str, Any]) -> None:
     if (on_event := _on_event.get()) is not None:
         on_event(event)
@@ -345,20 +144,20 @@ def _emit(event: dict[str, Any]) -> None:
     print(f"{event['target']:<24} {event['stage']:<9} {status}{extra}{detail}")
 
 
-def _outcome(future: PrefectFuture) -> tuple[str, Any]:
-    """``("ok", result)``, ``("failed", error text)`` or ``("not-run", reason)`` of a finished future."""
+def _outcome(future: PrefectFuture) -> tuple[bool, Any]:
+    """``(True, result)`` of a task that completed, or ``(False, (stage or None, error, stages done))``."""
     try:
         value = future.result(raise_on_failure=False)
-    except Exception as exc:
-        return "not-run", str(exc)
+    except Exception as exc:  # the task never ran to an end (its worker process died, say)
+        return False, (None, f"{type(exc).__name__}: {exc}", {})
+    if isinstance(value, StageFailed):
+        return False, (value.stage, value.error, value.done)
     if isinstance(value, BaseException):
-        return "failed", f"{type(value).__name__}: {value}"
+        return False, (None, f"{type(value).__name__}: {value}", {})
     state = future.state
     if state.is_completed() and isinstance(value, dict):
-        return "ok", value
-    if state.name == "NotReady" or state.is_pending():
-        return "not-run", "an earlier stage failed"
-    return "failed", str(state.message or state.name)
+        return True, value
+    return False, (None, str(state.message or state.name), {})
 
 
 # The flow's own task runner only carries the flow; stages go to the runner built from
@@ -393,18 +192,11 @@ def fleet_flow(
     params_p = Path(params_file)
     params_p = (params_p if params_p.is_absolute() else root_p / params_p).resolve()
     snapshot = load_snapshot(params_p)  # read once: every stage of this run gets this, never the file
-    fleet = snapshot.fleet
-    names = select_models(fleet.model_names(), models)
-    run_cfg = resolve_run(fleet.run, workers, engine, dask_address)
-    trigger = detect_trigger(trigger)
-    ws = Workspace(root_p)
+    names = select_models(snapshot.fleet.model_names(), models)
+    run_cfg = resolve_run(snapshot.fleet.run, workers, engine, dask_address)
     use_dvc = use_dvc and versioning.is_dvc_repo(root_p) and params_p == (root_p / "params.yaml").resolve()
-    opts = {"retries": fleet.run.retries, "retry_delay_seconds": fleet.run.retry_delay_seconds,
-            "retry_condition_fn": _transient}
-    common = {"root": str(root_p), "config": snapshot, "use_dvc": use_dvc, "force": force}
-
     with locks.run_lock(root_p, if_busy, on_wait=_waiting):
-        return _locked_run(root_p, params_p, fleet, names, run_cfg, trigger, ws, use_dvc, opts, common, force)
+        return FleetRun(root_p, snapshot, names, run_cfg, detect_trigger(trigger), use_dvc, force).run()
 
 
 def gpu_limit_exists() -> bool:
@@ -442,139 +234,302 @@ def _waiting(info: dict[str, Any]) -> None:
     _notice(f"waiting: {locks.describe(info)} holds this workspace; this run starts when it ends")
 
 
-def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_cfg: RunConfig, trigger: str,
-                ws: Workspace, use_dvc: bool, opts: dict[str, Any], common: dict[str, Any],
-                force: bool) -> dict[str, Any]:
-    """The fleet run proper, while this process holds the workspace's run lock."""
-    from prefect.runtime import deployment, flow_run
+class Runners:
+    """The run's task runners, one at a time: a fresh one once the current one took its share of models.
 
-    location = remote.activate(fleet.storage)  # S3 endpoint for MLflow's artifact client; None = local storage
-    if flow_run.id and not gpu_limit_exists():
-        opts = {**opts, "tags": set()}  # no limit to honour: no slot to ask the server for, stage by stage
-    ws_dirs = [root_p / "data" / "prepared", root_p / "models", root_p / "metrics", ws.reports]
-    for line in storage.sweep_stale(ws_dirs):  # before any stage writes there
-        _notice(f"recovered: {line}")
-    if use_dvc:  # the stage graph DVC checks and records is the one params.yaml describes now
-        changed = pipeline.sync(root_p, fleet)
-        if changed:
-            _notice(f"dvc.yaml: rewritten from {params_p.name} ({pipeline.summary(changed)})")
-    started = dt.datetime.now(dt.UTC)
-    results: dict[str, dict[str, Any]] = {m: {"status": "running", "stages": {}, "workers": {}} for m in names}
-    with contextlib.ExitStack() as stack:
-        runner = stack.enter_context(_stage_runner(run_cfg))
-        datasets = fleet.datasets_in_use(names)
-        users = {ds: [m for m in names if fleet.models[m].dataset == ds] for ds in datasets}
-        skip, reasons = _plan(root_p, datasets, names, fleet) if use_dvc and not force else (set(), {})
-        for m in names:
-            results[m]["reason"] = ("--force" if force else "DVC off" if not use_dvc else reasons.get(m, ""))
-        order = {m: i for i, m in enumerate(names)}
-        # Each model's stages still to run, in order (only a prefix of a chain is ever skipped).
-        chains: dict[str, list[tuple[str, Any]]] = {}
-        for m in names:
+    See :func:`models_per_pool`. Nothing starts until the first task is submitted.
+    """
+
+    def __init__(self, run_cfg: RunConfig):
+        self.run_cfg, self.quota = run_cfg, models_per_pool(run_cfg)
+        self.current: TaskRunner | None = None
+        self.models = 0
+        self.pending: set[PrefectFuture] = set()  # unfinished futures of the current runner
+
+    def submit(self, task: Any, parameters: dict[str, Any], model: bool,
+               wait_for: list[PrefectFuture] | None = None) -> PrefectFuture | None:
+        """Submit a task; None (not submitted) for a model while the current runner is full and busy."""
+        if model and self.current is not None and self.quota and self.models >= self.quota:
+            if self.pending:
+                return None
+            self.close()
+        if self.current is None:
+            self.current, self.models = task_runner(self.run_cfg).__enter__(), 0
+        future = self.current.submit(task, parameters, wait_for=wait_for or [])
+        self.models += model
+        self.pending.add(future)
+        return future
+
+    def finished(self, future: PrefectFuture) -> None:
+        self.pending.discard(future)
+
+    def close(self) -> None:
+        if self.current is not None:
+            runner, self.current = self.current, None
+            runner.__exit__(None, None, None)
+
+
+class ProgressFile:
+    """The run's progress file: a JSON line per stage a worker finished (see :func:`tasks.stages.model_task`)."""
+
+    def __init__(self, root: Path):
+        folder = root / ".shrinkfleet" / "progress"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{os.getpid()}-{time.time_ns()}.jsonl"
+        self._offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        """The events written since the last call (complete lines only)."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+POLL_SECONDS = 0.5  # how often the flow reads the progress file while it waits for a task to end
+
+
+class FleetRun:
+    """One fleet run in the flow process, while it holds the workspace's run lock.
+
+    It plans what must run (one DVC pass), submits a ``prepare`` task per dataset and then one
+    :func:`tasks.stages.model_task` per model whose dataset is ready, and tracks each model in
+    MLflow as soon as its task ends, while the workers train the next ones. A model whose stage
+    fails for good stops there; the others go on.
+    """
+
+    def __init__(self, root: Path, snapshot: Snapshot, names: list[str], run_cfg: RunConfig, trigger: str,
+                 use_dvc: bool, force: bool):
+        self.root, self.snapshot, self.fleet, self.names = root, snapshot, snapshot.fleet, names
+        self.run_cfg, self.trigger, self.use_dvc, self.force = run_cfg, trigger, use_dvc, force
+        self.ws = Workspace(root)
+        self.common = {"root": str(root), "config": snapshot, "use_dvc": use_dvc, "force": force}
+        self.results: dict[str, dict[str, Any]] = {
+            m: {"status": "running", "stages": {}, "workers": {}} for m in names}
+        self.stage_cpu = 0.0  # CPU seconds the stages' work took in the workers, each stage once
+        self.told: set[tuple[str, str]] = set()  # (model, stage) events already emitted
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        from prefect.runtime import flow_run
+
+        location = remote.activate(self.fleet.storage)  # S3 endpoint for MLflow's artifact client; None = local
+        ws_dirs = [self.root / "data" / "prepared", self.root / "models", self.root / "metrics", self.ws.reports]
+        for line in storage.sweep_stale(ws_dirs):  # before any stage writes there
+            _notice(f"recovered: {line}")
+        if self.use_dvc:  # the stage graph DVC checks and records is the one params.yaml describes now
+            changed = pipeline.sync(self.root, self.fleet)
+            if changed:
+                _notice(f"dvc.yaml: rewritten from {self.snapshot.path.name} ({pipeline.summary(changed)})")
+        self.gpu = bool(flow_run.id) and gpu_limit_exists()  # no limit to honour: no slot to ask for
+        started = dt.datetime.now(dt.UTC)
+        chains, to_prepare = self._plan()
+        pools, progress = Runners(self.run_cfg), ProgressFile(self.root)
+        with contextlib.ExitStack() as stack:
+            stack.callback(progress.remove)
+            stack.callback(pools.close)
+            done: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
+            owners: dict[PrefectFuture, tuple[str, str]] = {}  # future -> ("prepare", dataset) | ("model", name)
+            prepared: dict[str, PrefectFuture | None] = {ds: None for ds in self.fleet.datasets_in_use(self.names)
+                                                          if ds not in to_prepare}
+            for ds in to_prepare:
+                future = pools.submit(TASKS["prepare"].with_options(**self._prepare_options()),
+                                      {"dataset": ds, **self.common}, model=False)
+                owners[future] = ("prepare", ds)
+                future.add_done_callback(done.put)
+            # The first stages start (and the workers load TensorFlow) while MLflow is set up.
+            experiment_id, parent_run_id, tags = self._start_tracking(stack, location)
+            # A thread of its own draws each finished model's plots (about 0.7 s for two), so this loop
+            # goes on handing out models meanwhile.
+            plotter = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="shrinkfleet-plots"))
+            ready = [m for m in self.names if self.fleet.models[m].dataset in prepared]
+            while True:
+                ready = self._submit_ready(ready, chains, prepared, pools, owners, done, progress)
+                for m in [m for m in ready if not chains[m]]:  # nothing to run: tracked now
+                    ready.remove(m)
+                    self._finish(m, tags, plotter)
+                if not owners:
+                    break
+                try:
+                    future = done.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    self._told(progress.read())
+                    continue
+                pools.finished(future)
+                kind, target = owners.pop(future)
+                self._told(progress.read())
+                ok, value = _outcome(future)
+                if kind == "prepare":
+                    ready += self._prepared(target, ok, value, future, prepared)
+                elif self._model_ended(target, ok, value):
+                    self._finish(target, tags, plotter)
+            plotter.shutdown(wait=True)  # (pyplot is not for two threads at once)
+            path = self._report(experiment_id, parent_run_id, tags, started)
+        return {"models": self.results, "report": str(path), "parent_run_id": parent_run_id,
+                "use_dvc": self.use_dvc, "trigger": self.trigger, "engine": self.run_cfg.engine}
+
+    def _prepare_options(self) -> dict[str, Any]:
+        """The prepare task's retries (a model task passes its stages theirs, see :func:`tasks.stages.model_task`)."""
+        return {"retries": self.fleet.run.retries, "retry_delay_seconds": self.fleet.run.retry_delay_seconds,
+                "retry_condition_fn": retry_if_transient}
+
+    def _plan(self) -> tuple[dict[str, list[str]], list[str]]:
+        """Each model's stages still to run, in order, and the datasets to prepare; the rest is reported skipped."""
+        datasets = self.fleet.datasets_in_use(self.names)
+        skip, reasons = (_plan(self.root, datasets, self.names, self.fleet) if self.use_dvc and not self.force
+                         else (set(), {}))
+        chains: dict[str, list[str]] = {}
+        for m in self.names:
+            self.results[m]["reason"] = ("--force" if self.force else "DVC off" if not self.use_dvc
+                                         else reasons.get(m, ""))
             chains[m] = []
-            kinds = pipeline.model_kinds(fleet, m)
-            for stage, task in MODEL_TASKS:
+            kinds = pipeline.model_kinds(self.fleet, m)
+            for stage in pipeline.MODEL_STAGE_KINDS:
                 if stage not in kinds:  # (distill, for a model with student: null)
-                    results[m]["stages"][stage] = "none"
-                    _emit({"stage": stage, "target": m, "status": "none", "seconds": 0.0})
+                    self._stage_event(m, stage, "none")
                 elif stage_name(stage, m) in skip:
-                    results[m]["stages"][stage] = "skipped"
-                    _emit({"stage": stage, "target": m, "status": "skipped", "seconds": 0.0})
+                    self._stage_event(m, stage, "skipped")
                 else:
-                    chains[m].append((stage, task))
-        dispatch = Dispatcher(runner, in_flight_limit(run_cfg), parallel_workers(run_cfg))
-
-        def next_stage(model: str, upstream: PrefectFuture | None) -> None:
-            """Queue the model's next stage after ``upstream``, or track the model when none is left."""
-            if not chains[model]:
-                finished.append(model)
-                return
-            stage, task = chains[model].pop(0)
-            depth = 1 + len(MODEL_TASKS) - len(chains[model])
-            dispatch.add((-depth, order[model]), task.with_options(**opts), {"model": model, **common},
-                         owner=(model, stage), upstream=upstream)
-
-        finished: list[str] = []
-        stage_cpu = 0.0  # CPU seconds the stages' work took in the workers, each stage once
+                    chains[m].append(stage)
+        to_prepare = [ds for ds in datasets if stage_name("prepare", ds) not in skip]
         for ds in datasets:
-            if stage_name("prepare", ds) in skip:
-                for m in users[ds]:
-                    results[m]["stages"]["prepare"] = "skipped"
+            if ds not in to_prepare:
+                for m in self.names:
+                    if self.fleet.models[m].dataset == ds:
+                        self.results[m]["stages"]["prepare"] = "skipped"
                 _emit({"stage": "prepare", "target": ds, "status": "skipped", "seconds": 0.0})
-                for m in users[ds]:
-                    next_stage(m, None)
-            else:
-                dispatch.add((-1, 0), TASKS["prepare"].with_options(**opts), {"dataset": ds, **common},
-                             owner=(None, ds))
-        # The first stages start (and the workers load TensorFlow) while MLflow is set up.
-        dispatch.pump()
-        experiment_id = tracking.setup(root_p, fleet.fleet, artifact_root=location.mlflow_url if location else None)
-        for run_id in tracking.close_stale_runs(experiment_id, root_p):
+        return chains, to_prepare
+
+    def _stage_event(self, model: str, stage: str, status: str, seconds: float = 0.0, worker: str = "") -> None:
+        self.results[model]["stages"][stage] = status
+        if worker:
+            self.results[model]["workers"][stage] = worker
+        self.told.add((model, stage))
+        event = {"stage": stage, "target": model, "status": status, "seconds": seconds}
+        _emit({**event, "worker": worker} if worker else event)
+
+    def _told(self, events: list[dict[str, Any]]) -> None:
+        """Emit the stage events the workers wrote to the progress file."""
+        for e in events:
+            if (e["model"], e["stage"]) not in self.told and e["model"] in self.results:
+                self._stage_event(e["model"], e["stage"], e["status"], e["seconds"], e.get("worker", ""))
+
+    def _submit_ready(self, ready: list[str], chains: dict[str, list[str]], prepared: dict[str, Any],
+                      pools: Runners, owners: dict, done: queue.SimpleQueue, progress: ProgressFile) -> list[str]:
+        """Submit the model task of every ready model the pools take now; the models left waiting."""
+        left = []
+        for m in ready:
+            if not chains[m]:
+                left.append(m)
+                continue
+            upstream = prepared[self.fleet.models[m].dataset]
+            params = {"model": m, "stages": chains[m], **self.common, "retries": self.fleet.run.retries,
+                      "retry_delay_seconds": self.fleet.run.retry_delay_seconds, "gpu": self.gpu,
+                      "progress": str(progress.path)}
+            future = pools.submit(model_task, params, model=True, wait_for=[upstream] if upstream else None)
+            if future is None:  # this pool took its share: the next one takes the rest
+                left.append(m)
+                continue
+            owners[future] = ("model", m)
+            future.add_done_callback(done.put)
+        return left
+
+    def _prepared(self, ds: str, ok: bool, value: Any, future: PrefectFuture,
+                  prepared: dict[str, PrefectFuture | None]) -> list[str]:
+        """A dataset's prepare task ended: its models, now ready (none when it failed)."""
+        users = [m for m in self.names if self.fleet.models[m].dataset == ds]
+        if ok:
+            self.stage_cpu += float(value.get("cpu_seconds", 0.0))
+            for m in users:
+                self.results[m]["stages"]["prepare"] = value["status"]
+                self.results[m]["workers"]["prepare"] = value.get("worker", "")
+            _emit({"stage": "prepare", "target": ds, "status": value["status"], "seconds": value["seconds"],
+                   "worker": value.get("worker", "")})
+            prepared[ds] = future
+            return users
+        _, error, _ = value
+        for m in users:  # its models stop there; none of their stages is submitted
+            self.results[m].update(status="failed", failed_stage="prepare", error=error)
+        _emit({"stage": "prepare", "target": ds, "status": "failed", "error": error})
+        return []
+
+    def _model_ended(self, model: str, ok: bool, value: Any) -> bool:
+        """Record a model task's end; whether every stage finished (the model is then tracked)."""
+        stages = value if ok else value[2]
+        for stage, result in stages.items():
+            self.stage_cpu += float(result.get("cpu_seconds", 0.0))
+            if (model, stage) not in self.told:  # (a progress line lost, say on a worker without the folder)
+                self._stage_event(model, stage, result["status"], result["seconds"], result.get("worker", ""))
+        if ok:
+            return True
+        stage, error, _ = value
+        if stage is None:  # the task itself failed: blame the first stage that did not finish
+            stage = next((s for s in pipeline.model_kinds(self.fleet, model)
+                          if self.results[model]["stages"].get(s) not in ("ran", "skipped", "none")), "flow")
+        self.results[model].update(status="failed", failed_stage=stage, error=error)
+        _emit({"stage": stage, "target": model, "status": "failed", "error": error})
+        return False
+
+    # ------------------------------------------------------------------ tracking and the report
+
+    def _start_tracking(self, stack: contextlib.ExitStack, location: Any) -> tuple[str, str, dict[str, str]]:
+        """The fleet's MLflow experiment and this run's parent run (open until the stack closes), with its tags."""
+        from prefect.runtime import deployment, flow_run
+
+        experiment_id = tracking.setup(self.root, self.fleet.fleet,
+                                       artifact_root=location.mlflow_url if location else None)
+        for run_id in tracking.close_stale_runs(experiment_id, self.root):
             _notice(f"recovered: MLflow run {run_id} was left RUNNING by a run that died; marked KILLED")
         tags = {
-            "git_sha": tracking.git_sha(root_p),
-            "trigger": trigger,
+            "git_sha": tracking.git_sha(self.root),
+            "trigger": self.trigger,
             "prefect_flow_run_id": str(flow_run.id or ""),
             "shrinkfleet.prefect": "flow run" if flow_run.id else "none (nothing to run)",
             "prefect_deployment_id": str(deployment.id or ""),
-            "shrinkfleet.engine": run_cfg.engine,
-            "shrinkfleet.workers": str(run_cfg.workers),
-            "shrinkfleet.dask_address": run_cfg.dask_address or "",
-            "shrinkfleet.models": ",".join(names),
-            "shrinkfleet.dvc": str(use_dvc),
-            "shrinkfleet.config_digest": common["config"].digest,
-            **tracking.workspace_tags(root_p),
+            "shrinkfleet.engine": self.run_cfg.engine,
+            "shrinkfleet.workers": str(self.run_cfg.workers),
+            "shrinkfleet.dask_address": self.run_cfg.dask_address or "",
+            "shrinkfleet.models": ",".join(self.names),
+            "shrinkfleet.dvc": str(self.use_dvc),
+            "shrinkfleet.config_digest": self.snapshot.digest,
+            **tracking.workspace_tags(self.root),
         }
         parent_run_id = stack.enter_context(tracking.fleet_run(experiment_id, tags))
         import mlflow
 
         # The settings every stage of this run used, every default filled in (its digest is the tag above).
-        mlflow.log_text(common["config"].to_json(), "config/params.resolved.json")
-        # A thread of its own draws each finished model's plots (about 0.7 s for two), so this loop
-        # goes on handing out stages meanwhile instead of leaving a worker without one.
-        plotter = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="shrinkfleet-plots"))
+        mlflow.log_text(self.snapshot.to_json(), "config/params.resolved.json")
+        return experiment_id, parent_run_id, tags
 
-        def finish(model: str) -> None:
-            """Track a model whose every stage is done; a tracking error fails that model only."""
-            try:
-                out = register.record(ws, fleet.resolve(model), results[model]["stages"], use_dvc, trigger,
-                                      tags["git_sha"])
-                results[model].update(out, status="ok")
-                _tag_model_run(out["run_id"], results[model]["workers"], results[model]["reason"])
-                _emit_registry(model, out["registry"])
-            except Exception as exc:  # (one model's tracking must not stop the fleet)
-                results[model].update(status="failed", failed_stage="track", error=f"{type(exc).__name__}: {exc}")
-                _emit({"stage": "track", "target": model, "status": "failed", "error": str(exc)})
-                return
-            # Its plots are drawn now, while the workers train the others; the report at the end reuses them.
-            plotter.submit(_draw_model_plots, ws, model)
+    def _finish(self, model: str, tags: dict[str, str], plotter: ThreadPoolExecutor) -> None:
+        """Track a model whose every stage is done; a tracking error fails that model only."""
+        result = self.results[model]
+        try:
+            out = register.record(self.ws, self.fleet.resolve(model), result["stages"], self.use_dvc, self.trigger,
+                                  tags["git_sha"])
+            result.update(out, status="ok")
+            _tag_model_run(out["run_id"], result["workers"], result["reason"])
+            _emit_registry(model, out["registry"])
+        except Exception as exc:  # (one model's tracking must not stop the fleet)
+            result.update(status="failed", failed_stage="track", error=f"{type(exc).__name__}: {exc}")
+            _emit({"stage": "track", "target": model, "status": "failed", "error": str(exc)})
+            return
+        # Its plots are drawn now, while the workers train the others; the report at the end reuses them.
+        plotter.submit(_draw_model_plots, self.ws, model)
 
-        while finished or dispatch.busy():
-            # Models with nothing left to run are tracked while the workers train the next ones.
-            while finished:
-                finish(finished.pop(0))
-            if not dispatch.busy():
-                break
-            future, (model, stage_or_ds) = dispatch.next_done()
-            kind, value = _outcome(future)
-            affected = users[stage_or_ds] if model is None else [model]
-            stage = "prepare" if model is None else stage_or_ds
-            target = stage_or_ds if model is None else model
-            if kind == "ok":
-                stage_cpu += float(value.get("cpu_seconds", 0.0))
-                for m in affected:
-                    results[m]["stages"][stage] = value["status"]
-                    results[m]["workers"][stage] = value.get("worker", "")
-                _emit({"stage": stage, "target": target, "status": value["status"], "seconds": value["seconds"],
-                       "worker": value.get("worker", "")})
-                for m in affected:
-                    next_stage(m, future)
-            else:  # a model whose stage failed for good stops there; its later stages are never submitted
-                for m in affected:
-                    results[m].update(status="failed", failed_stage=stage, error=value)
-                _emit({"stage": stage, "target": target, "status": "failed", "error": value})
-            dispatch.pump()
+    def _report(self, experiment_id: str, parent_run_id: str, tags: dict[str, str], started: dt.datetime) -> Path:
+        import mlflow
 
+        results, names = self.results, self.names
         for r in results.values():
             if r["status"] == "running":  # cannot happen unless a future vanished; never report it as done
                 r.update(status="failed", failed_stage="flow", error="did not finish")
@@ -582,24 +537,21 @@ def _locked_run(root_p: Path, params_p: Path, fleet: Any, names: list[str], run_
                     if r["status"] == "failed"}
         for m in failures:
             tracking.log_failed_model(m, results[m]["failed_stage"], results[m]["error"])
-        plotter.shutdown(wait=True)  # (pyplot is not for two threads at once)
-        docs = report.load_metrics(ws, [m for m in names if results[m]["status"] == "ok"])
-        path = report.write_report(ws, docs, failures, {
-            "fleet": fleet.fleet,
+        docs = report.load_metrics(self.ws, [m for m in names if results[m]["status"] == "ok"])
+        path = report.write_report(self.ws, docs, failures, {
+            "fleet": self.fleet.fleet,
             "started": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
             "git": tags["git_sha"],
-            "trigger": trigger,
+            "trigger": self.trigger,
             "models": f"{len(names) - len(failures)} of {len(names)} finished",
             "MLflow run": parent_run_id,
         }, outcomes={m: results[m] for m in docs}, trends=report.trends_from_mlflow(experiment_id, names))
-
         mlflow.log_artifacts(str(path.parent), artifact_path="report")
         mlflow.log_metrics({"models_ok": len(names) - len(failures), "models_failed": len(failures),
-                            "stage_cpu_seconds": stage_cpu})
+                            "stage_cpu_seconds": self.stage_cpu})
         if failures:
             mlflow.set_tag("shrinkfleet.failed_models", ",".join(failures))
-    return {"models": results, "report": str(path), "parent_run_id": parent_run_id, "use_dvc": use_dvc,
-            "trigger": trigger, "engine": run_cfg.engine}
+        return path
 
 
 def _draw_model_plots(ws: Workspace, model: str) -> None:
@@ -724,28 +676,20 @@ def run_fleet(
               "dask_address": dask_address, "if_busy": if_busy}
     token = _on_event.set(on_event)
     try:
-        return _run_fleet(params_file, root, models, use_dvc, force, workers, engine, dask_address, kwargs)
+        return _run_fleet(params_file, root, models, use_dvc, force, kwargs)
     finally:
         _on_event.reset(token)
 
 
 def _run_fleet(params_file: Path, root: Path, models: list[str] | None, use_dvc: bool, force: bool,
-               workers: int | None, engine: str | None, dask_address: str | None, kwargs: dict[str, Any]
-               ) -> dict[str, Any]:
+               kwargs: dict[str, Any]) -> dict[str, Any]:
     from flows.server import discard_early, prefect_api
 
     if not needs_prefect_run(params_file, root, models, use_dvc, force):
         discard_early()
         return fleet_flow.fn(**kwargs)
-    try:
-        try:
-            start_workers_early(resolve_run(load_params(params_file).run, workers, engine, dask_address))
-        except ConfigError as exc:  # (a bad ``run:`` is the flow's to report, naming the key)
-            log.debug("workers not started early: %s", exc)
-        with prefect_api():
-            return fleet_flow(**kwargs)
-    finally:
-        discard_early_workers()
+    with prefect_api():
+        return fleet_flow(**kwargs)
 
 
 def needs_prefect_run(params_file: Path, root: Path, models: list[str] | None, use_dvc: bool, force: bool) -> bool:

@@ -5,13 +5,14 @@ process pool (each one a few seconds, and task states scattered over several ser
 Starting one temporary server here and handing its URL to the workers through the
 settings keeps the whole run on one API.
 
-The server takes about 6 s to come up on 2 cores. ``shrinkfleet run`` launches it with
-:func:`launch_early` as soon as it knows the run has something to do, so it starts while the
-command checks its inputs and imports Prefect; :func:`prefect_api` then waits for it (or
-launches one itself when nobody did). The process is the one Prefect's own
-``SubprocessASGIServer`` runs (uvicorn serving ``prefect.server.api.server:create_app``
-with the UI off), launched here without importing Prefect's server package into this
-process, which alone costs about 2.5 s of CPU. It sends no telemetry.
+The server is ``prefect server start`` as a subprocess on a free local port, with its UI off
+and, through Prefect's public ``PREFECT_SERVER_SERVICES_*_ENABLED`` settings, only the
+services a run needs (those that record task runs and events; no scheduler, no late-run or
+cancellation sweeps, nobody will schedule anything on a server that lives for one run). It
+takes about 9 s to answer on 2 cores, so ``shrinkfleet run`` launches it with
+:func:`launch_early` as soon as it knows the run has something to do, and it starts while the
+command checks its inputs; :func:`prefect_api` then waits for it (or launches one itself
+when nobody did). It sends no telemetry.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import time
 from collections.abc import Iterator
 
 STARTUP_TIMEOUT_S = 120.0
+# Services of a standing server that a server living for one run never needs: they schedule
+# deployments, and sweep late, paused, cancelled or abandoned runs every few seconds.
+IDLE_SERVICES = ("SCHEDULER", "LATE_RUNS", "CANCELLATION_CLEANUP", "FOREMAN", "PAUSE_EXPIRATIONS", "REPOSSESSOR",
+                 "CLEANUP_RECONCILER")
 
 
 def configured_api() -> str | None:
@@ -59,16 +64,16 @@ class TemporaryServer:
         """Start the server process (returns at once; :meth:`wait_ready` waits for it to answer)."""
         from prefect.settings import get_current_settings
 
-        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-               "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
         env.pop("PREFECT_API_URL", None)
-        # No telemetry from a server that lives for one run (and no failing DNS look-ups on a
-        # machine without internet), unless the user's settings ask for it.
-        env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        # Nothing the user's settings ask for is overridden (setdefault): no UI, no telemetry (and no
+        # failing DNS look-ups on a machine without internet), none of the services a run does not need.
+        for name in ("UI_ENABLED", "ANALYTICS_ENABLED", *(f"SERVICES_{s}_ENABLED" for s in IDLE_SERVICES)):
+            env.setdefault(f"PREFECT_SERVER_{name}", "false")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL)
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "ERROR"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> str:
         """Block until the API answers its health check; its URL.
@@ -81,10 +86,12 @@ class TemporaryServer:
         import httpx
 
         deadline = time.monotonic() + timeout
+        retried = False
         with httpx.Client() as client:
             while time.monotonic() < deadline:
                 code = self.process.poll() if self.process else None
-                if code == 3:  # uvicorn: the port was taken meanwhile; take another
+                if code is not None and not retried:  # the port was taken meanwhile, say: once more on another
+                    retried = True
                     self.port = _free_port()
                     self.launch()
                 elif code is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 QUANT_MODES = ("float32", "float16", "dynamic", "int8")
@@ -448,12 +448,20 @@ class RunConfig(_Strict):
         description="Scheduler of an existing Dask cluster (tcp://host:8786) for engine dask; null starts a "
         "local cluster of `workers` processes with one thread each.",
     )
-    worker_max_stages: int = Field(
-        50, ge=0, le=100_000,
-        description="Engine process: a worker process is replaced by a fresh one after this many stages, "
-        "returning the memory TensorFlow keeps from model to model (about 15 MB per model measured); 0 keeps "
-        "every worker for the whole run.",
+    worker_max_models: int = Field(
+        20, ge=0, le=100_000,
+        description="Engine process: the process pool is replaced by a fresh one after every `workers` x this "
+        "many models, returning the memory TensorFlow keeps from model to model (about 15 MB per model "
+        "measured); 0 keeps one pool for the whole run.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "worker_max_stages" in data:
+            raise ValueError("worker_max_stages was replaced by worker_max_models (models per worker process "
+                             "before its pool is replaced; a model is one task now)")
+        return data
 
     @field_validator("dask_address")
     @classmethod

@@ -1,21 +1,28 @@
-"""The Prefect task of every stage, importable without TensorFlow.
+"""The Prefect task of every stage, and of every model, importable without TensorFlow.
 
-The flow process only submits tasks, tracks and reports; it never trains. Each task
-imports its stage module (TensorFlow, TFMOT, LiteRT) when it runs, in the worker process
-that runs it, so the flow process starts in a few seconds instead of loading TensorFlow
-for nothing (which a rerun with every stage up to date would otherwise pay for).
+The flow process only submits tasks, tracks and reports; it never trains. It submits a
+``prepare`` task per dataset and then one :func:`model_task` per model, which runs that model's
+stages in order as nested Prefect tasks in the worker that took it: Prefect's own task runners
+(``ProcessPoolTaskRunner``, ``DaskTaskRunner``) spread the models over the workers, and a model
+never waits for the flow between two of its stages. Each task imports its stage module
+(TensorFlow, TFMOT, LiteRT) when it runs, in the worker process, so the flow process starts in
+a few seconds instead of loading TensorFlow for nothing.
 
-Every task: retried on transient failures (the flow sets the count from ``run.retries``),
-skipped when DVC reports the stage up to date (see :func:`tasks.common.execute`), never
-cached by Prefect (DVC decides what is up to date). The training stages carry the ``gpu``
-tag, so a Prefect tag concurrency limit on ``gpu`` bounds how many train at once; the flow
-drops the tag for a run whose API has no such limit (see ``flows.fleet.gpu_limit_exists``).
+Every stage task: retried on transient failures (:func:`retry_if_transient`, the count from
+``run.retries``), skipped when DVC reports the stage up to date (see
+:func:`tasks.common.execute`), never cached by Prefect (DVC decides what is up to date). The
+training stages carry the ``gpu`` tag, so a Prefect tag concurrency limit on ``gpu`` bounds how
+many train at once; the flow drops the tag for a run whose API has no such limit (see
+``flows.fleet.gpu_limit_exists``).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -32,15 +39,11 @@ log = logging.getLogger("shrinkfleet")
 def preload() -> None:
     """A worker process's initializer: load TensorFlow, TFMOT, LiteRT and every stage module now.
 
-    A worker starts before it has a stage to run (see ``flows.fleet.WorkerPool``), so its few
-    seconds of imports overlap the flow's set-up and the first stage, instead of delaying
-    the first training stage each worker receives. An import that fails is left for the
-    stage that needs it to report, with its cause.
+    The flow's process pool (``ProcessPoolTaskRunner(initializer=preload)``) runs this once in each
+    worker as it starts, so the worker's few seconds of imports overlap the flow's MLflow set-up
+    and the dataset's preparation instead of delaying the first training stage it receives. An
+    import that fails is left for the stage that needs it to report, with its cause.
     """
-    try:
-        reuse_tls_context()
-    except Exception as exc:  # (a saving only: Prefect works without it)
-        log.debug("Prefect clients keep their own TLS contexts: %s", exc)
     try:
         for stage in STAGE_MODULES:
             importlib.import_module(f"tasks.{stage}")
@@ -51,27 +54,6 @@ def preload() -> None:
             import ai_edge_litert.interpreter  # noqa: F401
     except Exception as exc:  # (reported by the stage that needs it)
         log.debug("preloading the stage modules failed: %s", exc)
-
-
-def reuse_tls_context() -> None:
-    """Let every Prefect API client of this process share one TLS context per CA file.
-
-    Prefect's client reads the CA bundle into a new ``ssl.SSLContext`` each time one is made,
-    and its task engine makes two per task: 0.11 s of CPU per stage in a worker, measured (4.7
-    of 75 s on 8 small models with one worker). One context per CA file serves every request
-    the same way (httpx itself recommends sharing one). Only the name ``ssl`` inside Prefect's
-    client module is replaced; the rest of the process keeps the standard library's function.
-    """
-    import functools
-    import types
-
-    import prefect.client.orchestration as orchestration
-
-    if isinstance(orchestration.ssl, types.ModuleType):
-        shared = types.SimpleNamespace(**{k: getattr(orchestration.ssl, k) for k in dir(orchestration.ssl)
-                                          if not k.startswith("__")})
-        shared.create_default_context = functools.lru_cache(maxsize=8)(orchestration.ssl.create_default_context)
-        orchestration.ssl = shared
 
 
 def _run(stage: str, target: str, root: str, config: Snapshot, use_dvc: bool, force: bool) -> dict:
@@ -135,6 +117,75 @@ def compress_task(model: str, root: str, config: Snapshot, use_dvc: bool = True,
 def evaluate_task(model: str, root: str, config: Snapshot, use_dvc: bool = True, force: bool = False) -> dict:
     """Measure every variant of one model unless DVC reports it up to date."""
     return _run("evaluate", model, root, config, use_dvc, force)
+
+
+class StageFailed(Exception):
+    """A model's stage failed for good (its retries spent); the model's later stages did not run.
+
+    ``stage`` is the stage kind, ``error`` its error as ``Type: message``, ``done`` the results of
+    the stages that finished before it.
+    """
+
+    def __init__(self, stage: str, error: str, done: dict[str, dict[str, Any]]):
+        super().__init__(f"{stage} failed: {error}")
+        self.stage, self.error, self.done = stage, error, done
+
+    def __reduce__(self) -> tuple:  # (pickled back to the flow process with its fields)
+        return type(self), (self.stage, self.error, self.done)
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's ``retry_condition_fn`` of every stage: retry only what :func:`tasks.common.is_transient` allows."""
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient(exc)
+    return True
+
+
+def _tell(progress: str | None, event: dict[str, Any]) -> None:
+    """Append one stage event to the run's progress file (one ``write`` of one line, so lines never interleave)."""
+    if progress is None:
+        return
+    line = json.dumps(event, default=str) + "\n"
+    fd = os.open(progress, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+@task(name="model", task_run_name="model-{model}", cache_policy=NO_CACHE)
+def model_task(model: str, stages: list[str], root: str, config: Snapshot, use_dvc: bool = True,
+               force: bool = False, retries: int = 2, retry_delay_seconds: float = 5, gpu: bool = True,
+               progress: str | None = None) -> dict[str, dict[str, Any]]:
+    """Run one model's ``stages`` in order, each a nested Prefect task of this one, in this worker.
+
+    Each stage is retried on transient failures (``retries`` times, ``retry_delay_seconds`` apart)
+    and carries the ``gpu`` tag when it trains and ``gpu`` is true. Every finished stage's result
+    is appended to ``progress`` (a JSON-lines file the flow reads for its progress events).
+
+    Returns:
+        Every stage's result, by stage kind.
+
+    Raises:
+        StageFailed: a stage failed for good; the later ones did not run.
+    """
+    opts: dict[str, Any] = {"retries": retries, "retry_delay_seconds": retry_delay_seconds,
+                            "retry_condition_fn": retry_if_transient}
+    if not gpu:
+        opts["tags"] = set()
+    done: dict[str, dict[str, Any]] = {}
+    for stage in stages:
+        try:
+            result = TASKS[stage].with_options(**opts)(model=model, root=root, config=config, use_dvc=use_dvc,
+                                                      force=force)
+        except Exception as exc:
+            raise StageFailed(stage, f"{type(exc).__name__}: {exc}", done) from exc
+        done[stage] = result
+        _tell(progress, {"model": model, "stage": stage, "status": result["status"], "seconds": result["seconds"],
+                         "worker": result.get("worker", "")})
+    return done
 
 
 # The task of every stage kind, in the registry's order (see shrinkfleet.pipeline.KINDS).

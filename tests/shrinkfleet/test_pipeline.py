@@ -32,7 +32,7 @@ def test_dvc_yaml_the_prefect_tasks_and_shrinkfleet_stage_derive_from_one_stage_
     and the modules `shrinkfleet stage` runs are those kinds, in that order."""
     import importlib
 
-    from flows.fleet import MODEL_TASKS, STAGE_NAMES
+    from flows.fleet import STAGE_NAMES
     from tasks.stages import TASKS
 
     fleet = parse_params(tiny_params)
@@ -44,7 +44,6 @@ def test_dvc_yaml_the_prefect_tasks_and_shrinkfleet_stage_derive_from_one_stage_
         seen.add(kind)
     assert seen == set(pipeline.STAGE_KINDS)
     assert tuple(TASKS) == STAGE_NAMES == pipeline.STAGE_KINDS
-    assert tuple(kind for kind, _ in MODEL_TASKS) == pipeline.MODEL_STAGE_KINDS
     assert {TASKS[k].name for k in TASKS} == set(pipeline.STAGE_KINDS)
     for kind in pipeline.STAGE_KINDS:  # what `shrinkfleet stage <kind>` imports and calls
         assert callable(importlib.import_module(f"tasks.{kind}").run), kind

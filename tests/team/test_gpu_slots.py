@@ -46,7 +46,10 @@ def test_worker_entrypoint_creates_the_pool_and_the_gpu_limit(tmp_path):
                 limit = _client_call(api, lambda c: c.read_concurrency_limit_by_tag("gpu"))
             except Exception:
                 return False
-            return pool is not None and limit is not None
+            # (and the line saying so printed: the script prints it after creating the limit)
+            log = tmp_path / "worker.log"
+            return (pool is not None and limit is not None and log.exists()
+                    and "training task(s) at once" in log.read_text())
 
         with serve(["bash", str(REPO / "infra" / "worker-entrypoint.sh")], tmp_path / "worker.log", ready,
                    "worker entry point", env=env, cwd=tmp_path, timeout=120):

@@ -1,0 +1,110 @@
+"""Before and after: the same orchestration benchmarks on an earlier commit and on this checkout, in one run.
+
+    python bench/compare.py --before 9709c8e            # about 20 minutes on 2 cores
+    python bench/compare.py --before 9709c8e --quick    # small fleets (a smoke run)
+    make compare BEFORE=9709c8e
+
+The earlier commit is checked out into a temporary git worktree. Both sides run *this*
+checkout's benchmark scripts, on the same machine, interleaved (before, after, before, ...
+with ``--rounds``), so load on the machine falls on both alike; only the code under test
+differs (``SHRINKFLEET_BENCH_CODE`` and ``PYTHONPATH`` point at each side's tree). Measured,
+each as a user runs it (``shrinkfleet run`` in a fresh project):
+
+- the default fleet's first run and its no-op rerun (``bench/noop.py``, DVC on);
+- the 8-model fan-out with 2 workers (``bench/fanout.py``), with where the CPU went;
+- the 100-model fleet with 2 workers (``bench/scale.py``), with the peak memory of the largest process.
+
+Goal: every figure after within 10% of before, or better. Writes bench/results/compare.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median, print_table, verdict, write_results
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TOLERANCE = 1.10
+
+
+def measure(code: Path, out: Path, quick: bool) -> dict[str, float]:
+    """Every figure of one side: the benchmark scripts of this checkout on the code in ``code``."""
+    env = {**os.environ, "SHRINKFLEET_BENCH_CODE": str(code), "PYTHONPATH": str(code)}
+    out.mkdir(parents=True, exist_ok=True)
+    fan_models, scale_models = ("2", "4") if quick else ("8", "100")
+    runs = {
+        "noop": ["noop.py", "--reps", "1", *(["--quick"] if quick else [])],
+        "fanout": ["fanout.py", "--models", fan_models, "--reps", "1", "--workers", "2"],
+        "scale": ["scale.py", "--sizes", scale_models],
+    }
+    docs = {}
+    for name, (script, *args) in runs.items():
+        path = out / f"{name}.json"
+        print(f"--- {code.name}: bench/{script} {' '.join(args)}", flush=True)
+        subprocess.run([sys.executable, str(HERE / script), *args, "--out", str(path)], env=env, check=True)
+        docs[name] = json.loads(path.read_text())
+    noop, fanout, (scale,) = docs["noop"], docs["fanout"], docs["scale"]["results"]
+    return {
+        "first_run_s": noop["first_seconds"],
+        "noop_rerun_s": noop["median_rerun_seconds"],
+        "fanout_2_workers_s": fanout["median_seconds"]["2"],
+        "fanout_cpu_outside_stages_share": fanout["cpu_outside_stages_share"],
+        "scale_s": scale["seconds"],
+        "scale_peak_process_rss_mb": scale["peak_process_rss_mb"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", required=True, help="the earlier commit (any git revision)")
+    ap.add_argument("--rounds", type=int, default=1, help="before/after pairs, alternating which goes first")
+    ap.add_argument("--quick", action="store_true", help="small fleets: a smoke run, no verdict worth quoting")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/[quick-]compare.json)")
+    args = ap.parse_args(argv)
+    before_sha = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=REPO, check=True,
+                                capture_output=True, text=True).stdout.strip()
+    after_sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
+                               capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "flows", "tasks", "shrinkfleet"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip())
+    figures: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
+        old = Path(tmp) / f"before-{before_sha}"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(old), args.before], cwd=REPO, check=True)
+        try:
+            for r in range(args.rounds):
+                order = [("before", old), ("after", REPO)]
+                for side, code in order if r % 2 == 0 else order[::-1]:
+                    figures[side].append(measure(code, Path(tmp) / f"{side}-{r}", args.quick))
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, check=False)
+    keys = list(figures["before"][0])
+    before = {k: median([f[k] for f in figures["before"]]) for k in keys}
+    after = {k: median([f[k] for f in figures["after"]]) for k in keys}
+    ratios = {k: after[k] / before[k] if before[k] else None for k in keys}
+    held = {k: ratios[k] is not None and ratios[k] <= TOLERANCE for k in keys if k.endswith("_s")}
+    rows = [{"figure": k, f"before ({before_sha})": f"{before[k]:.3g}",
+             f"after ({after_sha}{'+changes' if dirty else ''})": f"{after[k]:.3g}",
+             "after / before": "" if ratios[k] is None else f"{ratios[k]:.2f}"} for k in keys]
+    print_table(rows, f"Before and after, {args.rounds} round(s), medians, the same machine and run")
+    for k, ok in held.items():
+        print(f"{k}: {ratios[k]:.2f}x of before (goal <= {TOLERANCE:.2f}: {verdict(ok)})")
+    path = write_results("compare", {
+        "quick": args.quick, "before": before_sha, "after": after_sha, "after_has_uncommitted_changes": dirty,
+        "rounds": args.rounds, "figures": figures, "median_before": before, "median_after": after,
+        "ratio": ratios, "tolerance": TOLERANCE, "held": held, "meets_goal": all(held.values()),
+    }, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
