@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,20 @@ class Timed:
     peak_process_rss_mb: float  # the largest single process
     returncode: int
     output: str
+    # CPU seconds by kind of process, as last sampled (every 0.1 s, so a short-lived process may be
+    # missed): "command" (the command itself: the flow), "prefect server", "workers", "other".
+    cpu_by_process: dict[str, float] = field(default_factory=dict)
+
+
+def _kind(cmdline: list[str], root_pid: int, pid: int) -> str:
+    line = " ".join(cmdline)
+    if pid == root_pid:
+        return "command"
+    if "prefect server start" in line or "prefect.server.api.server" in line:
+        return "prefect server"
+    if "multiprocessing.spawn" in line or "distributed" in line:
+        return "workers"
+    return "other"
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> Timed:
@@ -106,6 +120,7 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> Timed
         if key not in (env or {}):
             full_env.pop(key, None)
     peak = {"tree": 0, "proc": 0}
+    cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds when last seen)
     done = threading.Event()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -119,6 +134,9 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> Timed
                 for p in procs:
                     with contextlib.suppress(psutil.Error):
                         rss.append(p.memory_info().rss)
+                        times = p.cpu_times()
+                        kind = cpu[p.pid][0] if p.pid in cpu else _kind(p.cmdline(), proc.pid, p.pid)
+                        cpu[p.pid] = (kind, times.user + times.system)
                 peak["tree"] = max(peak["tree"], sum(rss))
                 peak["proc"] = max(peak["proc"], max(rss, default=0))
             except psutil.Error:
@@ -131,7 +149,10 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> Timed
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
-    return Timed(seconds, peak["tree"] / 2**20, peak["proc"] / 2**20, proc.returncode, output)
+    by_kind: dict[str, float] = {}
+    for kind, seconds_cpu in cpu.values():
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds_cpu
+    return Timed(seconds, peak["tree"] / 2**20, peak["proc"] / 2**20, proc.returncode, output, by_kind)
 
 
 def run_cli(project: Path, *args: str) -> Timed:

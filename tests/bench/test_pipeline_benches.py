@@ -54,6 +54,9 @@ def test_fanout_quick(tmp_path):
     # The stages' CPU (measured in the workers) is part of the whole tree's (measured around it), never all of it.
     for runs in doc["cpu_seconds"].values():
         assert all(0 < r["stages"] < r["total"] for r in runs)
+        for r in runs:  # the sampled split by process: the command, its server and its workers, within the total
+            assert {"command", "prefect server", "workers"} <= {k for k, v in r["by_process"].items() if v > 0}
+            assert sum(r["by_process"].values()) <= r["total"] * 1.02 + 0.5
     assert 0 < doc["cpu_outside_stages_share"] < 1
     assert f"CPU outside the stages' work, 2 workers: {doc['cpu_outside_stages_share']:.1%}" in doc["_stdout"]
 
