@@ -45,6 +45,22 @@ def test_bad_params_exit_2_naming_the_key_before_any_work(tmp_path, tiny_params,
     assert sorted(p.name for p in root.iterdir()) == ["params.yaml"]  # nothing written
 
 
+def test_validate_rejects_a_bad_recipe_step_override_naming_the_recipe_and_key(tmp_path, tiny_params):
+    tiny_params["recipes"] = {"dc": {"steps": [{"cluster": {"clusterz": 4}}, "float32"]}}
+    root = _write(tmp_path, tiny_params)
+    result = runner.invoke(app, ["validate", "--root", str(root)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "recipes.dc.steps[0].cluster.clusterz: unknown key" in result.output
+    assert sorted(p.name for p in root.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_the_old_worker_key_is_refused_naming_its_replacement(tmp_path, tiny_params):
+    tiny_params["run"] = {"worker_max_stages": 50}
+    result = runner.invoke(app, ["validate", "--root", str(_write(tmp_path, tiny_params))])
+    assert result.exit_code == 2
+    assert "worker_max_stages was replaced by worker_max_models" in result.output
+
+
 def test_unknown_model_is_refused(tmp_path, tiny_params):
     result = runner.invoke(app, ["run", "--models", "digits-mlp,ghost", "--root", str(_write(tmp_path, tiny_params))])
     assert result.exit_code == 2
