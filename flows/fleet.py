@@ -39,7 +39,7 @@ from shrinkfleet import registration as register
 from shrinkfleet.config import ConfigError, RunConfig, Snapshot, load_params, load_snapshot, select_models
 from shrinkfleet.pipeline import stage_name
 from shrinkfleet.workspace import Workspace
-from tasks.stages import TASKS, StageFailed, model_task, preload, retry_if_transient
+from tasks.stages import TASKS, StageFailed, model_task, preload, retry_if_transient, worker_task
 
 log = logging.getLogger("shrinkfleet")
 
@@ -96,6 +96,11 @@ def task_runner(run: RunConfig) -> TaskRunner:
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
             "n_workers": run.workers, "threads_per_worker": 1, "processes": True})
     return ProcessPoolTaskRunner(max_workers=run.workers, initializer=preload)
+
+
+def parallel_workers(run: RunConfig) -> int:
+    """How many workers the run's task runner has (an existing Dask cluster's size is its own: 1 assumed)."""
+    return 1 if run.engine == "dask" and run.dask_address else run.workers
 
 
 def models_per_pool(run: RunConfig) -> int | None:
@@ -316,6 +321,7 @@ class FleetRun:
             m: {"status": "running", "stages": {}, "workers": {}} for m in names}
         self.stage_cpu = 0.0  # CPU seconds the stages' work took in the workers, each stage once
         self.told: set[tuple[str, str]] = set()  # (model, stage) events already emitted
+        self.devices: dict[str, str] = {}  # worker -> the GPUs it sees, or CPU
 
     # ------------------------------------------------------------------ the run
 
@@ -341,6 +347,11 @@ class FleetRun:
             owners: dict[PrefectFuture, tuple[str, str]] = {}  # future -> ("prepare", dataset) | ("model", name)
             prepared: dict[str, PrefectFuture | None] = {ds: None for ds in self.fleet.datasets_in_use(self.names)
                                                           if ds not in to_prepare}
+            if to_prepare or any(chains.values()):  # every worker starts now and loads TensorFlow
+                for n in range(parallel_workers(self.run_cfg)):
+                    future = pools.submit(worker_task, {"n": n}, model=False)
+                    owners[future] = ("worker", str(n))
+                    future.add_done_callback(done.put)
             for ds in to_prepare:
                 future = pools.submit(TASKS["prepare"].with_options(**self._prepare_options()),
                                       {"dataset": ds, **self.common}, model=False)
@@ -368,7 +379,10 @@ class FleetRun:
                 kind, target = owners.pop(future)
                 self._told(progress.read())
                 ok, value = _outcome(future)
-                if kind == "prepare":
+                if kind == "worker":
+                    if ok:
+                        self.devices[value["worker"]] = ",".join(value["gpus"]) or "CPU"
+                elif kind == "prepare":
                     ready += self._prepared(target, ok, value, future, prepared)
                 elif self._model_ended(target, ok, value):
                     self._finish(target, tags, plotter)
@@ -547,6 +561,8 @@ class FleetRun:
             "MLflow run": parent_run_id,
         }, outcomes={m: results[m] for m in docs}, trends=report.trends_from_mlflow(experiment_id, names))
         mlflow.log_artifacts(str(path.parent), artifact_path="report")
+        if self.devices:  # (the workers that answered at the start: "host:pid=GPU:0" or "host:pid=CPU")
+            mlflow.set_tag("shrinkfleet.worker_devices", " ".join(f"{w}={d}" for w, d in sorted(self.devices.items())))
         mlflow.log_metrics({"models_ok": len(names) - len(failures), "models_failed": len(failures),
                             "stage_cpu_seconds": self.stage_cpu})
         if failures:

@@ -155,6 +155,22 @@ def _tell(progress: str | None, event: dict[str, Any]) -> None:
         os.close(fd)
 
 
+@task(name="worker", task_run_name="worker-{n}", cache_policy=NO_CACHE)
+def worker_task(n: int) -> dict[str, Any]:
+    """Which worker this is and the GPUs it sees (memory growth on); the flow records them.
+
+    The flow submits one per worker as the run starts, before the datasets' prepare tasks:
+    a process pool starts a worker process per task submitted while none is idle, so every
+    worker starts (and loads TensorFlow, :func:`preload`) at once instead of the second one
+    only once the first has prepared the data. A worker busy loading may leave two of them to
+    one worker; the flow then records the devices of the workers that answered.
+    """
+    from shrinkfleet.tfenv import configure_devices
+    from tasks.common import worker_id
+
+    return {"worker": worker_id(), "gpus": configure_devices()}
+
+
 @task(name="model", task_run_name="model-{model}", cache_policy=NO_CACHE)
 def model_task(model: str, stages: list[str], root: str, config: Snapshot, use_dvc: bool = True,
                force: bool = False, retries: int = 2, retry_delay_seconds: float = 5, gpu: bool = True,

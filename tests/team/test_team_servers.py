@@ -90,9 +90,10 @@ def test_fleet_run_on_team_servers(tmp_path):
                                          data=json.dumps({"flow_runs": {"id": {"any_": [flow_run_id]}}}).encode())
             with urllib.request.urlopen(req, timeout=10) as resp:
                 task_runs = json.load(resp)
-            # The dataset's prepare task, the model's task, and its five stages nested in it.
+            # A task per worker as the run starts, the dataset's prepare task, the model's task, and its
+            # five stages nested in it.
             assert sorted(t["name"] for t in task_runs) == sorted(
-                ["prepare-digits", "model-digits-mlp",
+                [*(f"worker-{n}" for n in range(2)), "prepare-digits", "model-digits-mlp",
                  *(f"{s}-digits-mlp" for s in ("teacher", "distill", "prune", "compress", "evaluate"))])
             assert all(t["state"]["type"] == "COMPLETED" for t in task_runs)
             # No gpu limit on this server: the training stages ran untagged, asking it for no slots.
