@@ -147,6 +147,7 @@ def test_a_failing_model_does_not_stop_the_fleet(tmp_path, tiny_params):
     # A fault preflight cannot see: the threshold is judged on the train split's variances,
     # known only once prepare has split the data (a NaN dataset would stop the run before work).
     tiny_params["datasets"]["cancer"]["features"] = {"variance_threshold": 1e9}
+    tiny_params["recipes"] = {"pruned-int8": tiny_params["recipes"]["pruned-int8"]}  # the other member's route only
     project = make_project(tmp_path / "p", tiny_params)
     result = shrinkfleet_cmd("run", cwd=project)
     assert result.returncode == 1, result.stdout + result.stderr

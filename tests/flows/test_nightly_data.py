@@ -69,6 +69,7 @@ def _reasons(project: Path) -> dict[str, str]:
 def test_new_data_at_the_same_path_reruns_exactly_the_models_that_read_it(tmp_path):
     params = quick_params(("digits-mlp",))
     params["models"] = {}  # two models, each on a dataset of its own files
+    params["recipes"] = {"pruned-int8": params["recipes"]["pruned-int8"]}  # what re-runs is per stage, not per recipe
     params["datasets"]["nightly"] = {"source": "npz", "path": "data/raw/nightly.npz", "kind": "tabular"}
     params["datasets"]["scans"] = {"source": "mnist", "path": "data/raw/scans"}
     params["datasets"]["spare"] = {"source": "sklearn", "name": "wine"}  # no model reads it
