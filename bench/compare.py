@@ -1,13 +1,16 @@
-"""Before and after: the same orchestration benchmarks on an earlier commit and on this checkout, in one run.
+"""Before and after: the same orchestration benchmarks on two commits, side by side in one run.
 
-    python bench/compare.py --before 9709c8e            # about 20 minutes on 2 cores
-    python bench/compare.py --before 9709c8e --quick    # small fleets (a smoke run)
+    python bench/compare.py --before 9709c8e                 # against HEAD, about 20 minutes on 2 cores
+    python bench/compare.py --before 9709c8e --rounds 2      # twice each, alternating which goes first
+    python bench/compare.py --before 9709c8e --quick         # small fleets (a smoke run)
     make compare BEFORE=9709c8e
 
-The earlier commit is checked out into a temporary git worktree. Both sides run *this*
-checkout's benchmark scripts, on the same machine, interleaved (before, after, before, ...
-with ``--rounds``), so load on the machine falls on both alike; only the code under test
-differs (``SHRINKFLEET_BENCH_CODE`` and ``PYTHONPATH`` point at each side's tree). Measured,
+Both commits (``--before``, and ``--after``, default HEAD) are checked out into temporary git
+worktrees, so uncommitted changes are not measured and the checkout can be edited meanwhile.
+Both sides run *this* checkout's benchmark scripts, on the same machine, interleaved (before,
+after, then after, before with ``--rounds 2``), so load on the machine falls on both alike;
+only the code under test differs (``SHRINKFLEET_BENCH_CODE`` and ``PYTHONPATH`` point at each
+side's tree). Measured,
 each as a user runs it (``shrinkfleet run`` in a fresh project):
 
 - the default fleet's first run and its no-op rerun (``bench/noop.py``, DVC on);
@@ -65,40 +68,42 @@ def measure(code: Path, out: Path, quick: bool) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", required=True, help="the earlier commit (any git revision)")
+    ap.add_argument("--after", default="HEAD", help="the later commit (default HEAD)")
     ap.add_argument("--rounds", type=int, default=1, help="before/after pairs, alternating which goes first")
     ap.add_argument("--quick", action="store_true", help="small fleets: a smoke run, no verdict worth quoting")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/[quick-]compare.json)")
     args = ap.parse_args(argv)
     before_sha = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=REPO, check=True,
                                 capture_output=True, text=True).stdout.strip()
-    after_sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
+    after_sha = subprocess.run(["git", "rev-parse", "--short", args.after], cwd=REPO, check=True,
                                capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "flows", "tasks", "shrinkfleet"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
     figures: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
-        old = Path(tmp) / f"before-{before_sha}"
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(old), args.before], cwd=REPO, check=True)
+        trees = {"before": Path(tmp) / f"before-{before_sha}", "after": Path(tmp) / f"after-{after_sha}"}
         try:
+            for side, rev in (("before", args.before), ("after", args.after)):
+                subprocess.run(["git", "worktree", "add", "--detach", "-q", str(trees[side]), rev], cwd=REPO,
+                               check=True)
             for r in range(args.rounds):
-                order = [("before", old), ("after", REPO)]
-                for side, code in order if r % 2 == 0 else order[::-1]:
-                    figures[side].append(measure(code, Path(tmp) / f"{side}-{r}", args.quick))
+                order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
+                for side in order:
+                    figures[side].append(measure(trees[side], Path(tmp) / f"{side}-{r}", args.quick))
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, check=False)
+            for tree in trees.values():
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
     keys = list(figures["before"][0])
     before = {k: median([f[k] for f in figures["before"]]) for k in keys}
     after = {k: median([f[k] for f in figures["after"]]) for k in keys}
     ratios = {k: after[k] / before[k] if before[k] else None for k in keys}
     held = {k: ratios[k] is not None and ratios[k] <= TOLERANCE for k in keys if k.endswith("_s")}
     rows = [{"figure": k, f"before ({before_sha})": f"{before[k]:.3g}",
-             f"after ({after_sha}{'+changes' if dirty else ''})": f"{after[k]:.3g}",
+             f"after ({after_sha})": f"{after[k]:.3g}",
              "after / before": "" if ratios[k] is None else f"{ratios[k]:.2f}"} for k in keys]
     print_table(rows, f"Before and after, {args.rounds} round(s), medians, the same machine and run")
     for k, ok in held.items():
         print(f"{k}: {ratios[k]:.2f}x of before (goal <= {TOLERANCE:.2f}: {verdict(ok)})")
     path = write_results("compare", {
-        "quick": args.quick, "before": before_sha, "after": after_sha, "after_has_uncommitted_changes": dirty,
+        "quick": args.quick, "before": before_sha, "after": after_sha,
         "rounds": args.rounds, "figures": figures, "median_before": before, "median_after": after,
         "ratio": ratios, "tolerance": TOLERANCE, "held": held, "meets_goal": all(held.values()),
     }, args.out)
