@@ -76,11 +76,12 @@ def run(
         _fail(str(exc))
     import flows.fleet as fleet_flow
 
-    if no_dvc or force:
+    if no_dvc or force or not (root / "dvc.lock").exists():
         # The run needs the temporary Prefect server (if no API is configured) whatever DVC says: it
         # comes up while the inputs are checked, and a run that stops at the checks stops it unused.
-        # (With DVC, only DVC can say whether anything is to run, and asking it writes under .dvc/tmp,
-        # which a run stopped by bad input must not do: that server starts when the run does.)
+        # Without a dvc.lock no stage was ever recorded, so a first run has everything to do. (Otherwise
+        # only DVC can say whether anything is to run, and asking it writes under .dvc/tmp, which a run
+        # stopped by bad input must not do: that server starts when the run does.)
         fleet_flow.launch_server_early(params, root, names, False, force)
     problems = preflight(fleet, params, root, names)
     from shrinkfleet import versioning
@@ -93,7 +94,10 @@ def run(
     elif use_dvc and params != root / "params.yaml":
         err.print(f"[yellow]note:[/] DVC tracks {root / 'params.yaml'}; with --params {params} stages always run "
                   "and are not recorded", soft_wrap=True)
+    from flows.server import discard_early
+
     if problems:
+        discard_early()  # (a server launched above for a run that will not happen)
         _fail("cannot start:\n  " + "\n  ".join(problems))
     start = time.perf_counter()
     try:
@@ -113,6 +117,7 @@ def run(
             summary = _run_with_progress(params, root, names, force, use_dvc, trigger, workers, engine,
                                          dask_address)
     except locks.WorkspaceBusy as exc:
+        discard_early()
         _fail(str(exc), code=3)
     elapsed = time.perf_counter() - start
     _print_summary(root, names, summary, elapsed)
