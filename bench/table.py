@@ -81,6 +81,14 @@ def rows() -> list[tuple[str, ...]]:
                         f"drop {m['accuracy_drop'] * 100:+.2f} pts, run {m['wall_seconds']:.0f} s",
                         ">= 10x at <= 1 pt" if name == "byo-null" else "reported",
                         _ok(doc) if name == "byo-null" else "-", _when(doc)))
+    if doc := _load("compare"):
+        b, a, r = doc["median_before"], doc["median_after"], doc["ratio"]
+        parts = [f"{k.removesuffix('_s').replace('_', ' ')} {b[k]:.1f} -> {a[k]:.1f} s (**{r[k]:.2f}x**)"
+                 for k in doc["held"]]
+        share = "fanout_cpu_outside_stages_share"
+        parts.append(f"CPU outside the stages (fan-out) {b[share]:.0%} -> {a[share]:.0%} (goal <= 15%)")
+        out.append((f"Before and after ({doc['before']} -> {doc['after']}, {doc['rounds']} round(s), medians)",
+                    "; ".join(parts), f"each <= {doc['tolerance']:.2f}x", _ok(doc), _when(doc)))
     if doc := _load("tables"):
         out.append((f"Prepare a table ({doc['rows']:,} rows x {doc['columns']} columns, Parquet)",
                     f"{doc['prepare_seconds']:.1f} s; peak {doc['peak_rss_mb']:.0f} MB, baseline "

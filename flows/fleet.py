@@ -280,6 +280,8 @@ class ProgressFile:
     def __init__(self, root: Path):
         folder = root / ".shrinkfleet" / "progress"
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.jsonl"):  # left by a run that died: this run holds the workspace's lock
+            stale.unlink(missing_ok=True)
         self.path = folder / f"{os.getpid()}-{time.time_ns()}.jsonl"
         self._offset = 0
 

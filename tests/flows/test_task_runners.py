@@ -76,7 +76,11 @@ def test_the_process_engine_is_prefects_own_process_pool():
 
 
 def test_the_progress_file_yields_whole_lines_once(tmp_path):
+    stale = tmp_path / ".shrinkfleet" / "progress" / "1-2.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"model": "a", "stage": "teacher"}\n')  # a run that died left it
     progress = ProgressFile(tmp_path)
+    assert not stale.exists()
     assert progress.read() == []  # nothing written yet
     with progress.path.open("a") as f:
         f.write('{"model": "a", "stage": "teacher"}\n{"model": "a", "sta')
