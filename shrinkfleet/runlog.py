@@ -21,8 +21,10 @@ import contextlib
 import io
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 LOG_ENV = "SHRINKFLEET_RUN_LOG"
 VERBOSE_ENV = "SHRINKFLEET_VERBOSE"
@@ -43,13 +45,15 @@ class ScreenFilter(logging.Filter):
 class _LogWriter(io.TextIOBase):
     """A text stream whose every line becomes a DEBUG record of ``logger``."""
 
-    def __init__(self, logger: logging.Logger):
-        self.logger, self.pending = logger, ""
+    def __init__(self, logger: logging.Logger, echo: TextIO | None = None):
+        self.logger, self.echo, self.pending = logger, echo, ""
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
+        if self.echo is not None:
+            self.echo.write(text)
         self.pending += text
         *lines, self.pending = self.pending.replace("\r", "\n").split("\n")
         for line in lines:
@@ -58,6 +62,8 @@ class _LogWriter(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
+        if self.echo is not None:
+            self.echo.flush()
         if self.pending.strip():
             self.logger.debug(self.pending)
         self.pending = ""
@@ -132,13 +138,14 @@ def _detach(handler: logging.Handler) -> None:
 def stderr_to_log(name: str) -> Iterator[None]:
     """Send what the body prints to ``sys.stderr`` (MLflow's registry announcements) to the run log.
 
-    Nothing changes under ``--verbose`` or without a run log. Python-level only: the body's
-    native (C++) output is :func:`shrinkfleet.tfenv.quiet_native_stderr`'s business.
+    Under ``--verbose`` it reaches the screen as well; without a run log nothing changes.
+    Python-level only: the body's native (C++) output is :func:`shrinkfleet.tfenv.quiet_native_stderr`'s
+    business.
     """
-    if verbose() or _handler is None:
+    if _handler is None:
         yield
         return
-    writer = _LogWriter(logging.getLogger(f"runlog.{name}"))
+    writer = _LogWriter(logging.getLogger(f"runlog.{name}"), sys.stderr if verbose() else None)
     try:
         with contextlib.redirect_stderr(writer):
             yield
