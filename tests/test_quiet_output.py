@@ -78,12 +78,13 @@ def test_a_run_into_a_pipe_prints_one_line_per_stage_and_no_redraws(first_run, t
 SCRIPT = """
 import logging, sys, warnings
 from pathlib import Path
-import prefect.main  # (its logging set-up, as in a run)
+if sys.argv[3] == "1":
+    import prefect.main  # (its logging set-up, as in a run's processes; `shrinkfleet stage` has none)
 from shrinkfleet import runlog
 
 runlog.install(Path(sys.argv[1]), show_all=sys.argv[2] == "1")
 warnings.warn("a library's UserWarning")
-logging.getLogger().warning("a library's root warning")
+logging.warning("a library's root warning")  # (as TFMOT warns: logging's module-level function)
 logging.getLogger("dvc").warning("a dvc warning")
 logging.getLogger("shrinkfleet").warning("our own warning")
 logging.getLogger("mlflow").error("a real error")
@@ -92,10 +93,12 @@ with runlog.stderr_to_log("mlflow"):
 """
 
 
-@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
-def test_the_screen_keeps_our_warnings_and_errors_and_the_log_has_everything(tmp_path, verbose):
+@pytest.mark.parametrize(("verbose", "prefect"), [(False, True), (True, True), (False, False)],
+                         ids=["quiet", "verbose", "quiet-without-prefect"])
+def test_the_screen_keeps_our_warnings_and_errors_and_the_log_has_everything(tmp_path, verbose, prefect):
     log = tmp_path / "reports" / "run.log"
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(log), "1" if verbose else "0"], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(log), str(int(verbose)), str(int(prefect))],
+                         capture_output=True,
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert out.returncode == 0, out.stderr
     screen = out.stdout + out.stderr
