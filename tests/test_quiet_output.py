@@ -58,6 +58,7 @@ def test_a_run_in_a_terminal_shows_only_our_lines_and_logs_the_rest(first_run):
                  "Registered model 'digits-mlp' already exists", "Created version '1' of model 'digits-mlp'"):
         assert line in log
     assert str(root / "reports" / "run.log") in screen.replace("\r\n", "").replace("\n", "")
+    assert f"run log**: {root / 'reports' / 'run.log'}" in (root / "reports" / "fleet.md").read_text()
 
 
 @pytest.mark.slow
