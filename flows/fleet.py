@@ -34,7 +34,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from shrinkfleet import locks, pipeline, remote, report, storage, tracking, versioning
+from shrinkfleet import locks, pipeline, remote, report, runlog, storage, tracking, versioning
 from shrinkfleet import registration as register
 from shrinkfleet.config import ConfigError, RunConfig, Snapshot, load_params, load_snapshot, select_models
 from shrinkfleet.pipeline import stage_name
@@ -549,14 +549,18 @@ class FleetRun:
         for m in failures:
             tracking.log_failed_model(m, results[m]["failed_stage"], results[m]["error"])
         docs = report.load_metrics(self.ws, [m for m in names if results[m]["status"] == "ok"])
-        path = report.write_report(self.ws, docs, failures, {
+        header = {
             "fleet": self.fleet.fleet,
             "started": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
             "git": tags["git_sha"],
             "trigger": self.trigger,
             "models": f"{len(names) - len(failures)} of {len(names)} finished",
             "MLflow run": parent_run_id,
-        }, outcomes={m: results[m] for m in docs}, trends=report.trends_from_mlflow(experiment_id, names))
+        }
+        if os.environ.get(runlog.LOG_ENV):  # (a CLI run; see shrinkfleet.runlog)
+            header["run log"] = f"{os.environ[runlog.LOG_ENV]} (the libraries' warnings and notes)"
+        path = report.write_report(self.ws, docs, failures, header, outcomes={m: results[m] for m in docs},
+                                   trends=report.trends_from_mlflow(experiment_id, names))
         mlflow.log_artifacts(str(path.parent), artifact_path="report")
         if self.devices:  # (the workers that answered at the start: "host:pid=GPU:0" or "host:pid=CPU")
             mlflow.set_tag("shrinkfleet.worker_devices", " ".join(f"{w}={d}" for w, d in sorted(self.devices.items())))

@@ -44,6 +44,9 @@ def preload() -> None:
     and the dataset's preparation instead of delaying the first training stage it receives. An
     import that fails is left for the stage that needs it to report, with its cause.
     """
+    from shrinkfleet import runlog
+
+    runlog.install()  # the run's log, if the CLI opened one (SHRINKFLEET_RUN_LOG)
     try:
         for stage in STAGE_MODULES:
             importlib.import_module(f"tasks.{stage}")
