@@ -74,13 +74,15 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
 
 
-def install(path: Path | None = None, show_all: bool | None = None) -> Path | None:
+def install(path: Path | None = None, show_all: bool | None = None, fresh: bool = False) -> Path | None:
     """Append every log record and warning of this process to the run log; keep the screen for ours.
 
     Args:
         path: the log file (the CLI passes ``<root>/reports/run.log``); None takes it from
             ``SHRINKFLEET_RUN_LOG`` (a worker process, a ``shrinkfleet stage`` under a run) and
             does nothing when that is unset either.
+        fresh: start the file empty (the CLI, as a run starts: the log is this run's, like the
+            report beside it; the previous run's is kept as ``run.log.1``), instead of appending.
         show_all: ``--verbose``; None reads ``SHRINKFLEET_VERBOSE``.
 
     Returns:
@@ -105,6 +107,8 @@ def install(path: Path | None = None, show_all: bool | None = None) -> Path | No
         path.parent.mkdir(parents=True, exist_ok=True)
         if _handler is not None:
             _detach(_handler)
+        if fresh and path.exists():
+            path.replace(path.with_name(path.name + ".1"))
         _handler = logging.FileHandler(path, encoding="utf-8")
         _handler.setFormatter(logging.Formatter(FORMAT))
     logging.getLogger("runlog").setLevel(logging.DEBUG)  # (the lines :func:`stderr_to_log` catches)

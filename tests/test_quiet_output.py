@@ -74,6 +74,9 @@ def test_a_run_into_a_pipe_prints_one_line_per_stage_and_no_redraws(first_run, t
                                                                       ("teacher", "distill", "prune", "compress",
                                                                        "evaluate")]])
     assert [n for n in NOISE if n in out.stdout + out.stderr] == []
+    # Each run's log is its own: the first run's (which registered v1) is kept beside it as run.log.1.
+    assert "Created version '1' of model 'digits-mlp'" in (root / "reports" / "run.log.1").read_text()
+    assert "Created version" not in (root / "reports" / "run.log").read_text()
 
 
 SCRIPT = """

@@ -113,7 +113,7 @@ def run(
             # path to the workers and `shrinkfleet stage`), on screen too with --verbose.
             from shrinkfleet import runlog
 
-            runlog.install(root / runlog.RUN_LOG, verbose)
+            runlog.install(root / runlog.RUN_LOG, verbose, fresh=True)
             # This may create the bucket and writes the DVC remote into .dvc/config.
             _remote_storage(fleet, root)
             if use_dvc:
