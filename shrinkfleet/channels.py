@@ -14,8 +14,9 @@ Algorithm (:func:`prune_channels`):
    Flatten) to the layers that *consume* the channels (Dense, Conv1D/2D with ``groups == 1``,
    SeparableConv1D/2D). If every path ends at a consumer, the candidate is pruned; if one
    meets anything else — ``Add``/``Multiply``/``Concatenate`` (their branches must keep equal
-   widths), Reshape, a softmax, a custom or unknown layer, a nested model, a shared layer, or
-   the model's output — the candidate is kept at full width and listed with the reason.
+   widths), Reshape, a softmax (as a layer or as the candidate's own activation), a custom or
+   unknown layer, a nested model, a shared layer, or the model's output — the candidate is
+   kept at full width and listed with the reason.
 3. Walking the layers in graph order, each tensor carries the original indices of the
    channels it still has. A candidate ranks its output units by the L1 or L2 norm of its
    kernel slice (over the inputs it still receives), keeps the top ``ceil(keep * n)`` (at
@@ -227,7 +228,9 @@ def prune_channels(model: keras.Model, keep: float | dict[str, float], norm: str
             continue
         if _keep_fraction(keep, name) >= 1.0:
             continue
-        if not _is_consumer(layer):
+        if layer.get_config().get("activation") in ("softmax", "log_softmax"):
+            result.full_width[name] = "a softmax over its units (removing one changes the others)"
+        elif not _is_consumer(layer):
             result.full_width[name] = "grouped or channels-first convolution"
         elif calls.get(name, 1) > 1:
             result.full_width[name] = "shared layer (called more than once)"

@@ -218,3 +218,18 @@ def test_bad_arguments_are_refused_with_the_cause(keep, norm, message):
 def test_unbuilt_model_is_refused():
     with pytest.raises(ValueError, match="not built"):
         prune_channels(keras.Sequential([L.Dense(3)]), keep=0.5)
+
+
+def test_nested_models_and_softmax_layers_are_kept_whole_and_the_model_still_works():
+    reset(0)
+    inner = keras.Sequential([L.Dense(5, activation="relu", input_shape=(8,)), L.Dense(4)], name="inner")
+    inputs = keras.Input((6,))
+    x = L.Dense(8, name="a")(inputs)
+    x = L.Dense(7, activation="softmax", name="sm")(inner(x))
+    model = _randomise(keras.Model(inputs, L.Dense(2, name="out")(x)))
+    result = prune_channels(model, keep=0.5)
+    assert result.kept == {}
+    assert "'inner' (Sequential)" in result.full_width["a"]
+    assert "softmax" in result.full_width["sm"]
+    x = _inputs(model)
+    np.testing.assert_allclose(result.model.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
