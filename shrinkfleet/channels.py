@@ -25,6 +25,9 @@ Algorithm (:func:`prune_channels`):
    (its output follows its input's width: channel ``c`` with multiplier ``m`` becomes
    ``c*m .. c*m+m-1``); Flatten maps channel ``c`` of an ``H x W x C`` map to the flat indices
    ``p*C + c`` for every position ``p``; a consumer keeps the matching input slices of its kernel.
+   Ranking uses the kernel restricted to the inputs the layer still receives (after upstream
+   layers were pruned), since those are the weights the smaller model computes with. Ties
+   keep the earlier unit. ``keep`` as a dict names layers; layers not named keep all units.
 4. The new model is built with :func:`keras.models.clone_model` from the changed layer
    configs, and the kept weights are copied in. No fine-tuning happens here: the recipe step
    that calls this fine-tunes.

@@ -233,3 +233,16 @@ def test_nested_models_and_softmax_layers_are_kept_whole_and_the_model_still_wor
     assert "softmax" in result.full_width["sm"]
     x = _inputs(model)
     np.testing.assert_allclose(result.model.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+
+
+def test_separable_conv_gets_the_depthwise_and_pointwise_slices():
+    reset(0)
+    model = keras.Sequential([L.Conv2D(6, 3, input_shape=(8, 8, 2), name="c1"), L.BatchNormalization(name="bn1"),
+                              L.SeparableConv2D(5, 3, depth_multiplier=2, name="sep"),
+                              L.GlobalAveragePooling2D(name="gap"), L.Dense(3, name="out")])
+    model = _randomise(model)
+    result = prune_channels(model, keep=0.5)
+    assert result.summary() == {"c1": (3, 6)}
+    zeroed = _zero_removed(model, result)
+    x = _inputs(model)
+    np.testing.assert_allclose(result.model.predict(x, verbose=0), zeroed.predict(x, verbose=0), rtol=1e-4, atol=1e-4)
