@@ -238,21 +238,32 @@ def pareto_figure(doc: dict[str, Any]) -> Any:
 
 
 def _place_labels(fig: Any, ax: Any, points: list[tuple[str, float, float]]) -> None:
-    """Label each point at the first offset of :data:`_OFFSETS` whose box overlaps no label placed before it."""
+    """Label each point at the first offset of :data:`_OFFSETS` whose box overlaps no label placed before it.
+
+    An offset that keeps the label inside the axes is preferred; one outside them only when no other fits.
+    """
     renderer = fig.canvas.get_renderer()
+    area = ax.get_window_extent(renderer)
     placed: list[Any] = []
     for name, x, y in points:
-        text = None
+        fits = []  # (offset, inside the axes) of each offset that overlaps no placed label
         for dx, dy in _OFFSETS:
-            if text is not None:
-                text.remove()
-            text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7,
-                               ha="left" if dx >= 0 else "right", va="bottom" if dy >= 0 else "top",
-                               arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if abs(dx) > 10 else None)
+            text = _label(ax, name, x, y, dx, dy)
             box = text.get_window_extent(renderer)
+            text.remove()
             if not any(box.overlaps(other) for other in placed):
-                break
-        placed.append(text.get_window_extent(renderer))
+                fits.append(((dx, dy), area.contains(box.x0, box.y0) and area.contains(box.x1, box.y1)))
+                if fits[-1][1]:
+                    break
+        inside = [off for off, ok in fits if ok]
+        dx, dy = (inside or [off for off, _ in fits] or [_OFFSETS[0]])[0]
+        placed.append(_label(ax, name, x, y, dx, dy).get_window_extent(renderer))
+
+
+def _label(ax: Any, name: str, x: float, y: float, dx: float, dy: float) -> Any:
+    return ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7,
+                       ha="left" if dx >= 0 else "right", va="bottom" if dy >= 0 else "top",
+                       arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if abs(dx) + abs(dy) > 20 else None)
 
 
 def best_variant(doc: dict[str, Any]) -> str | None:
@@ -588,18 +599,13 @@ def summary_row(doc: dict[str, Any], served: dict[str, Any] | None) -> dict[str,
     """A model's few headline numbers, flat: what ``dvc metrics show`` lists as its row.
 
     The variant is the one production serves (or, with nothing served from this run, the
-    front's smallest .tflite); ``production_version`` is 0 when nothing is in production.
+    front's smallest .tflite); ``version`` (production's) is 0 when nothing is in production.
     """
     name = served_here(doc, served) or best_variant(doc) or "teacher"
     v = doc["variants"][name]
-    row: dict[str, Any] = {"variant": name, "production_version": int((served or {}).get("version") or 0)}
-    if "accuracy" in v:
-        row |= {"accuracy": round(float(v["accuracy"]), 6), "accuracy_drop": round(float(v["accuracy_drop"]), 6)}
-    else:
-        row |= {"mae": round(float(v["mae"]), 6), "error_increase": round(float(v["error_increase"]), 6)}
-    row |= {"coded_bytes": int(v["coded_bytes"]), "coded_ratio": round(float(v["coded_ratio"]), 2),
-            "sparsity": round(float(v.get("sparsity", 0.0)), 4)}
-    return row
+    row: dict[str, Any] = {"variant": name, "version": int((served or {}).get("version") or 0)}
+    row |= ({"accuracy": round(float(v["accuracy"]), 6)} if "accuracy" in v else {"mae": round(float(v["mae"]), 6)})
+    return row | {"coded_bytes": int(v["coded_bytes"]), "coded_ratio": round(float(v["coded_ratio"]), 2)}
 
 
 def write_summary(ws: Workspace, docs: dict[str, dict[str, Any]],

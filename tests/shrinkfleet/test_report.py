@@ -187,8 +187,8 @@ def test_summary_has_one_flat_row_per_model(store, tmp_path):
     files = sorted((ws.root / "metrics" / "summary").glob("*.json"))
     assert [f.stem for f in files] == list(docs)
     row = json.loads(files[0].read_text())
-    assert row["variant"] == "pruned-int8" and row["production_version"] == 2 and row["coded_bytes"] == 2_000
-    assert all(not isinstance(v, dict | list) for v in row.values()) and len(row) <= 8
+    assert row == {"variant": "pruned-int8", "version": 2, "accuracy": 0.945, "coded_bytes": 2_000,
+                   "coded_ratio": 100.0}
 
 
 def test_a_rebuilt_report_elsewhere_leaves_the_runs_report_alone(store, tmp_path):
@@ -290,13 +290,21 @@ def test_dvc_plots_show_renders_the_report(store, tmp_path, tiny_params):
 
     pipeline.sync(project, parse_params(tiny_params))
     report.write_report(Workspace(project), report.docs_from_mlflow(store), {}, {},
-                        trends=report.trends_from_mlflow(store))
+                        trends=report.trends_from_mlflow(store), served=SERVED)
     out = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots-html"], cwd=project,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "failed to load" not in out.stdout + out.stderr
     page = (project / "plots-html" / "index.html").read_text()
     assert "accuracy-vs-coded-bytes" in page or "Every variant" in page
+    # The trend specs: time on a temporal axis, a colour per model.
+    assert '"type": "temporal"' in page and '"color": {"field": "model"' in page
+    shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show"], cwd=project, capture_output=True,
+                           text=True, check=True).stdout
+    rows = {line.split()[0]: line.split()[1:] for line in shown.splitlines() if line.startswith("metrics/")}
+    assert list(rows) == ["metrics/summary/digits-mlp.json", "metrics/summary/cancer-mlp.json"]
+    assert {"pruned-int8", "2000"} <= set(rows["metrics/summary/digits-mlp.json"])
+    assert set(rows["metrics/summary/cancer-mlp.json"]) == {"-"}  # no run of it in this store
     static = sorted(p.name for p in (project / "plots-html" / "static").glob("*.png"))
     assert len(static) == 3 and all("digits-mlp" in n for n in static)
 
