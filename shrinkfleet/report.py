@@ -1,16 +1,18 @@
 """The fleet report: every variant in one table, plots per model, trends over runs.
 
-Written after every run, and rebuilt from MLflow at any time by ``shrinkfleet report``:
+Written after every run, and rebuilt from MLflow at any time by ``shrinkfleet report``
+(into ``reports/rebuilt-<time>/`` unless ``--out`` says otherwise, so the run's stays):
 
-    reports/fleet.md                 table, registry, failures, Pareto fronts, plots
+    reports/fleet.md                 table (production marked), registry, failures, fronts, plots
     reports/fleet.html               the same, self-contained (plots embedded)
-    reports/plots/<model>-pareto.png     accuracy vs coded bytes (log scale), front drawn
-    reports/plots/<model>-waterfall.png  bytes from teacher to student, pruned, quantized, coded
-    reports/plots/<model>-trend.png      production accuracy and bytes over the last runs
+    reports/plots/<model>-pareto.png     accuracy vs coded bytes (log scale), front, served variant, gate limit
+    reports/plots/<model>-waterfall.png  bytes from teacher to student, pruned, the served flatbuffer, coded
+    reports/plots/<model>-trend.png      production accuracy and bytes over the last runs, manual moves
     reports/variants.csv, trends.csv     the plotted data
+    metrics/summary/<model>.json         the served variant's headline numbers, flat
 
-dvc.yaml declares the CSVs and reports/plots/ as DVC plots, so ``dvc plots show`` renders them.
-"""
+dvc.yaml declares the CSVs and reports/plots/ as DVC plots, so ``dvc plots show`` renders them,
+and the summaries as its metrics, so ``dvc metrics show`` prints one row per model."""
 
 from __future__ import annotations
 
