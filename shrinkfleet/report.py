@@ -327,7 +327,8 @@ def plot_waterfall(doc: dict[str, Any], path: Path, metadata: dict[str, str] | N
     ax.set_ylabel("bytes (log scale)")
     served = doc.get("served")
     end = best_variant(doc) if served not in doc["variants"] else served
-    what = f"production: {served}" if served in doc["variants"] else f"smallest on the front: {end}"
+    what = (f"production: {served}" if served in doc["variants"] else
+            f"smallest on the front: {end}" if end else steps[-1][0])
     ax.set_title(f"{doc['model']}: teacher to {what}", y=1.0, fontsize=10)
     ax.tick_params(axis="x", labelsize=8)
     _margins(fig, left=0.9, bottom=0.55)

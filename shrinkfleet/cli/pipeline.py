@@ -121,11 +121,11 @@ def report(
 ) -> None:
     """Rebuild the fleet report from MLflow and print the variant table.
 
-    The same report a run writes: each model's latest finished run (within --since) gives
-    its variants and the gate's verdicts, the registry what production serves, params.yaml
-    the fleet's order and gates; the trend plots show what production served after each run
-    and the manual promotes and rollbacks. It goes to a new folder, so the run's own report
-    stays as it was, unless --out names reports/.
+    The same report a run writes: each model's latest finished run (within
+    --since) gives its variants and the gate's verdicts, the registry what
+    production serves, params.yaml the fleet's order and gates. It goes to a
+    new folder, so the run's own report stays as it was, unless --out names
+    reports/.
     """
     import datetime as dt
 
