@@ -745,7 +745,8 @@ def _front_line(doc: dict[str, Any]) -> str:
 
 def _write_plot_data(ws: Workspace, table: pd.DataFrame | None, trends: pd.DataFrame | None) -> None:
     """The plotted numbers as CSV, which dvc.yaml declares as plots (``dvc plots show``)."""
-    cols = ["model", "variant", "accuracy", "mae", "coded_bytes", "size_bytes", "compression_ratio", "pareto"]
+    cols = ["model", "variant", "accuracy", "mae", "coded_bytes", "size_bytes", "compression_ratio", "pareto",
+            "production"]
     variants = table[cols] if table is not None else pd.DataFrame(columns=cols)
     atomic_write_text(ws.reports / "variants.csv", variants.to_csv(index=False))
     tcols = ["model", "time", "version", "accuracy", "mae", "coded_bytes"]

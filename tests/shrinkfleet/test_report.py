@@ -133,6 +133,8 @@ def test_production_is_marked_and_explained_in_the_report(store, tmp_path):
     assert "not the front's smallest pruned-clustered" in note and "objective (accuracy)" in note
     page = (ws.reports / "fleet.html").read_text()
     assert "pruned-int8 (production)" in page and "not the front&#x27;s smallest" in page
+    csv = pd.read_csv(ws.reports / "variants.csv")
+    assert csv.loc[csv["production"], "variant"].tolist() == ["pruned-int8"]  # what dvc plots reads
 
 
 def test_production_from_an_earlier_run_is_not_marked_on_this_runs_variant(store, tmp_path):
