@@ -228,7 +228,10 @@ def consider(
             raise ValueError(f"{model}: {candidate} is new content, so it needs its logged pyfunc's URI to register")
         _ensure_registered_model(model, f"shrinkfleet fleet member {model}: best gate-passing TFLite variant")
         tags = {**version_tags, f"{T}.content_sha256": digest, f"{T}.variant": candidate}
-        mv = mlflow.register_model(model_uri, model, tags=tags)
+        from shrinkfleet.runlog import stderr_to_log
+
+        with stderr_to_log("mlflow"):  # ("Registered model ... already exists", "Created version ...")
+            mv = mlflow.register_model(model_uri, model, tags=tags)
         reg.version, reg.created = str(mv.version), True
     why = f"gate passed: {candidate} is the best passing variant"
     move_alias(model, reg.version, "promote", why, trigger)

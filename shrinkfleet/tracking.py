@@ -236,15 +236,18 @@ def log_pyfunc(tflite: Path, meta_path: Path, output: str = "logits") -> str:
     with tempfile.TemporaryDirectory(prefix="shrinkfleet-pyfunc-") as tmp:
         preprocessing = Path(tmp) / "preprocessing.json"
         preprocessing.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        info = mlflow.pyfunc.log_model(
-            name="pyfunc",
-            python_model=str(Path(__file__).with_name("serving_model.py")),
-            artifacts={"tflite": str(tflite), "preprocessing": str(preprocessing)},
-            signature=signature,
-            # Pinned explicitly: MLflow's inference would import the whole training stack.
-            pip_requirements=[f"mlflow=={version('mlflow')}", f"numpy=={version('numpy')}",
-                              f"ai-edge-litert=={version('ai-edge-litert')}"],
-        )
+        from shrinkfleet.runlog import stderr_to_log
+
+        with stderr_to_log("mlflow"):  # (its "Downloading artifacts" bar, when the setting leaves it on)
+            info = mlflow.pyfunc.log_model(
+                name="pyfunc",
+                python_model=str(Path(__file__).with_name("serving_model.py")),
+                artifacts={"tflite": str(tflite), "preprocessing": str(preprocessing)},
+                signature=signature,
+                # Pinned explicitly: MLflow's inference would import the whole training stack.
+                pip_requirements=[f"mlflow=={version('mlflow')}", f"numpy=={version('numpy')}",
+                                  f"ai-edge-litert=={version('ai-edge-litert')}"],
+            )
     return info.model_uri
 
 

@@ -47,13 +47,27 @@ def _repo(root: Path) -> Iterator[Any]:
     # root: a Dask worker started elsewhere (or `--root` from another folder) would find
     # another dvc.yaml, or none. Run every DVC call from the project folder.
     with _locked(root), contextlib.chdir(root):
+        no_progress_bars()  # (opening the repo may wait for DVC's own lock)
         repo = Repo(str(root))
         # DVC's own logger set-up runs inside Repo(); quiet it afterwards.
         logging.getLogger("dvc").setLevel(logging.WARNING)
+        no_progress_bars()
         try:
             yield repo
         finally:
             repo.close()
+
+
+def no_progress_bars() -> None:
+    """Turn off DVC's progress bars ("Collecting files and computing hashes", "Waiting to acquire lock").
+
+    DVC draws a bar only when its ``dvc.progress`` logger would show ERROR records (that is how
+    ``dvc -q`` hides them); above that level it draws none. ``--verbose`` keeps them.
+    """
+    from shrinkfleet.runlog import verbose
+
+    if not verbose():
+        logging.getLogger("dvc.progress").setLevel(logging.CRITICAL + 1)
 
 
 def stage_status(root: Path, stage: str) -> dict[str, Any]:

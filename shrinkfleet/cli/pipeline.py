@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -61,7 +62,11 @@ def stage(
                   "then `dvc repro` again")
     import importlib
 
+    from shrinkfleet import runlog
     from tasks.common import context
+
+    # Under `shrinkfleet run` the run's log (SHRINKFLEET_RUN_LOG); under a bare `dvc repro`, the project's.
+    runlog.install(None if os.environ.get(runlog.LOG_ENV) else root / runlog.RUN_LOG)
 
     module = importlib.import_module(f"tasks.{name}")
     start = time.perf_counter()
@@ -69,8 +74,27 @@ def stage(
         summary = module.run(context(root, params), target)
     except (ConfigError, DatasetError) as exc:
         _fail(str(exc))
-    console.print(f"{pipeline.stage_name(name, target)}: done in {time.perf_counter() - start:.1f}s {summary}",
-                  highlight=False)
+    runlog.debug_line("stage", f"{pipeline.stage_name(name, target)} result: {summary!r}")
+    console.print(f"{pipeline.stage_name(name, target)}: done in {time.perf_counter() - start:.1f}s"
+                  f"{_brief(summary)}", highlight=False)
+
+
+def _brief(summary: object) -> str:
+    """A stage's result for a person: its few scalar numbers and words, ``(sparsity 0.50, from student)``.
+
+    The whole result (nested layers, lists) goes to the run log only.
+    """
+    if not isinstance(summary, dict):
+        return ""
+    parts = []
+    for key, value in summary.items():
+        if isinstance(value, bool) or value in (None, ""):
+            continue
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.3g}")
+        elif isinstance(value, int | str) and len(str(value)) <= 40:
+            parts.append(f"{key} {value}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 @app.command()

@@ -40,7 +40,9 @@ def run(
         int | None, typer.Option("--workers", "-w", min=1, help="Worker processes (default: run.workers).")
     ] = None,
     trigger: Annotated[str, typer.Option(help="Recorded in MLflow as the run's trigger tag.")] = "manual",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's own log lines.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's log lines and the libraries' "
+                                          "warnings and progress bars too (reports/run.log has them either way).")
+                       ] = False,
     engine: Annotated[
         str | None, typer.Option("--engine", help="process | dask (default: run.engine).", show_default=False)
     ] = None,
@@ -65,6 +67,16 @@ def run(
     if if_busy not in locks.IF_BUSY:
         _fail(f"--if-busy: {if_busy!r} is not a choice; one of: {', '.join(locks.IF_BUSY)}")
     root, params = _paths(root, params)
+    if no_dvc or force or not (root / "dvc.lock").exists():
+        # The run needs the temporary Prefect server (if no API is configured) whatever DVC says: it
+        # starts now, before this process loads the flow's modules (about 2 s), and comes up while the
+        # inputs are checked; a run that stops at the checks stops it unused. Without a dvc.lock no stage
+        # was ever recorded, so a first run has everything to do. (Otherwise only DVC can say whether
+        # anything is to run, and asking it writes under .dvc/tmp, which a run stopped by bad input must
+        # not do: that server starts when the run does.)
+        from flows.server import launch_early
+
+        launch_early()
     fleet = _load(params)
     run_cfg = _run_config(fleet, workers, engine, dask_address)
     wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
@@ -74,15 +86,6 @@ def run(
         names = select_models(fleet.model_names(), wanted)
     except ConfigError as exc:
         _fail(str(exc))
-    import flows.fleet as fleet_flow
-
-    if no_dvc or force or not (root / "dvc.lock").exists():
-        # The run needs the temporary Prefect server (if no API is configured) whatever DVC says: it
-        # comes up while the inputs are checked, and a run that stops at the checks stops it unused.
-        # Without a dvc.lock no stage was ever recorded, so a first run has everything to do. (Otherwise
-        # only DVC can say whether anything is to run, and asking it writes under .dvc/tmp, which a run
-        # stopped by bad input must not do: that server starts when the run does.)
-        fleet_flow.launch_server_early(params, root, names, False, force)
     problems = preflight(fleet, params, root, names)
     from shrinkfleet import versioning
 
@@ -106,7 +109,12 @@ def run(
         with locks.run_lock(root, if_busy, on_wait=lambda info: err.print(
                 f"[yellow]waiting:[/] {escape(locks.describe(info))} holds {root}; this run starts when it ends",
                 soft_wrap=True)):
-            # Only now, every check passed: this may create the bucket and writes the DVC remote into .dvc/config.
+            # Only now, every check passed: from here on third-party output goes to the run log (and its
+            # path to the workers and `shrinkfleet stage`), on screen too with --verbose.
+            from shrinkfleet import runlog
+
+            runlog.install(root / runlog.RUN_LOG, verbose, fresh=True)
+            # This may create the bucket and writes the DVC remote into .dvc/config.
             _remote_storage(fleet, root)
             if use_dvc:
                 _sync_pipeline(root, params, fleet)
@@ -143,43 +151,66 @@ def _run_config(fleet: Any, workers: int | None, engine: str | None, dask_addres
 def _run_with_progress(params: Path, root: Path, names: list[str], force: bool, use_dvc: bool, trigger: str,
                        workers: int | None, engine: str | None = None,
                        dask_address: str | None = None) -> dict[str, Any]:
+    """Run the fleet, showing its progress: live bars in a terminal, else one line per stage transition.
+
+    Off a terminal (cron, a CI log, a pipe) redrawn bars would be a wall of carriage returns, so each
+    stage that ends prints a line (``digits-mlp  teacher  ran (3.2s)``) as it happens. In a terminal the
+    registry's lines (``↑ m promoted v3``) wait until the bars are complete and print below them, so the
+    screen reads top to bottom: progress, what production became, the table.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     import flows.fleet as fleet_flow
 
+    live = console.is_terminal
     progress = Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=False)
+                        TimeElapsedColumn(), console=console, transient=False, disable=not live)
     bars = {m: progress.add_task(f"{m}: waiting", total=len(fleet_flow.STAGE_NAMES)) for m in names}
     fleet = _load(params)
     by_dataset: dict[str, list[str]] = {}
     for m in names:
         by_dataset.setdefault(fleet.models[m].dataset, []).append(m)
+    held: list[str] = []  # registry lines, printed once the bars are done
+    width = max(len(m) for m in names)
+
+    def say(line: str) -> None:
+        progress.console.print(line, highlight=False, soft_wrap=not live)
 
     def hook(event: dict[str, Any]) -> None:
         if event["stage"] == "notice":
-            progress.console.print(f"[yellow]{escape(event['status'])}[/]", highlight=False)
+            say(f"[yellow]{escape(event['status'])}[/]")
             return
         if event["stage"] == "registry":
             colour = "green" if event["status"].startswith("promoted") else "yellow"
-            progress.console.print(f"[{colour}]↑ {event['target']} {event['status']}[/]: {event.get('error', '')}",
-                                   highlight=False)
+            line = f"[{colour}]↑ {escape(event['target'])} {event['status']}[/]: {escape(event.get('error', ''))}"
+            if live:
+                held.append(line)
+            else:
+                say(line)
             return
         targets = by_dataset.get(event["target"], []) if event["stage"] == "prepare" else [event["target"]]
+        if not live and event["status"] != "failed":
+            seconds = f" ({event['seconds']:.1f}s)" if event.get("seconds") else ""
+            say(f"{escape(event['target']):<{width}}  {event['stage']:<8}  {event['status']}{seconds}")
         for m in targets:
             if m not in bars:
                 continue
             if event["status"] == "failed":
                 progress.update(bars[m], description=f"[red]{m}: {event['stage']} failed")
-                progress.console.print(f"[red]✗ {m} {event['stage']}:[/] {event.get('error', '')}", highlight=False)
+                say(f"[red]✗ {escape(m)} {event['stage']}:[/] {escape(event.get('error', ''))}")
             else:
                 progress.advance(bars[m])
                 done = progress.tasks[bars[m]].completed
                 label = "done" if done >= len(fleet_flow.STAGE_NAMES) else f"{event['stage']} {event['status']}"
                 progress.update(bars[m], description=f"{m}: {label}")
 
-    with progress:
-        return fleet_flow.run_fleet(params, root, names, force=force, use_dvc=use_dvc, trigger=trigger,
-                                    workers=workers, engine=engine, dask_address=dask_address, on_event=hook)
+    try:
+        with progress:
+            return fleet_flow.run_fleet(params, root, names, force=force, use_dvc=use_dvc, trigger=trigger,
+                                        workers=workers, engine=engine, dask_address=dask_address, on_event=hook)
+    finally:
+        for line in held:
+            say(line)
 
 
 def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapsed: float) -> None:
@@ -213,5 +244,8 @@ def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapse
             if reg:
                 line += f"; production {'v' + reg['version'] if reg['version'] else 'unset'} ({reg['reason']})"
             console.print(line, highlight=False)
+    from shrinkfleet import runlog
+
     console.print(f"Report: {summary['report']}   MLflow parent run: {summary['parent_run_id']}   "
                   f"wall time {elapsed:.0f}s")
+    console.print(f"Libraries' warnings and progress: {root / runlog.RUN_LOG}", highlight=False)
