@@ -534,8 +534,10 @@ class FleetRun:
             result.update(status="failed", failed_stage="track", error=f"{type(exc).__name__}: {exc}")
             _emit({"stage": "track", "target": model, "status": "failed", "error": str(exc)})
             return
+        # What production serves now (the report and plots mark it), read once, here, after the move.
+        result["served"] = report.served_variants([model]).get(model)
         # Its plots are drawn now, while the workers train the others; the report at the end reuses them.
-        plotter.submit(_draw_model_plots, self.ws, model)
+        plotter.submit(_draw_model_plots, self.ws, model, result["served"], self.fleet.resolve(model).gate.model_dump())
 
     def _report(self, experiment_id: str, parent_run_id: str, tags: dict[str, str], started: dt.datetime) -> Path:
         import mlflow
@@ -560,7 +562,10 @@ class FleetRun:
         if os.environ.get(runlog.LOG_ENV):  # (a CLI run; see shrinkfleet.runlog)
             header["run log"] = f"{os.environ[runlog.LOG_ENV]} (the libraries' warnings and notes)"
         path = report.write_report(self.ws, docs, failures, header, outcomes={m: results[m] for m in docs},
-                                   trends=report.trends_from_mlflow(experiment_id, names))
+                                   trends=report.trends_from_mlflow(experiment_id, names),
+                                   served={m: results[m]["served"] for m in docs if results[m].get("served")},
+                                   gates={m: self.fleet.resolve(m).gate.model_dump() for m in docs},
+                                   moves=_manual_moves(names))
         mlflow.log_artifacts(str(path.parent), artifact_path="report")
         if self.devices:  # (the workers that answered at the start: "host:pid=GPU:0" or "host:pid=CPU")
             mlflow.set_tag("shrinkfleet.worker_devices", " ".join(f"{w}={d}" for w, d in sorted(self.devices.items())))
@@ -571,10 +576,20 @@ class FleetRun:
         return path
 
 
-def _draw_model_plots(ws: Workspace, model: str) -> None:
+def _manual_moves(names: list[str]) -> Any:
+    """The registry's manual promotes and rollbacks, for the trend plots (None if the registry cannot say)."""
+    try:
+        return report.moves_from_registry(names)
+    except Exception as exc:  # (a report without those lines beats no report)
+        log.debug("manual registry moves not read: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _draw_model_plots(ws: Workspace, model: str, served: dict[str, Any] | None = None,
+                      gate: dict[str, Any] | None = None) -> None:
     """A finished model's plots, ahead of the report (which draws them itself, and says why, if this could not)."""
     try:
-        report.model_plots(ws, model, report.load_metrics(ws, [model])[model])
+        report.model_plots(ws, model, report.load_metrics(ws, [model])[model], served, gate)
     except Exception as exc:  # (the report draws it again, and says there what went wrong)
         log.debug("%s: plots not drawn ahead of the report: %s: %s", model, type(exc).__name__, exc)
 

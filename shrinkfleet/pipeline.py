@@ -195,27 +195,71 @@ def stages(fleet: FleetConfig, root: Path | None = None) -> dict[str, dict[str, 
             stage: dict[str, Any] = {"cmd": f"shrinkfleet stage {name} {m}",
                                      "deps": [*_code(kind, root), *inputs[name]],
                                      "params": params}
-            if name == "evaluate":
-                stage["metrics"] = [{f"metrics/{m}.json": {"cache": False}}]
+            if name == "evaluate":  # (an out, not a metric: `dvc metrics show` lists the flat summaries)
+                stage["outs"] = [{f"metrics/{m}.json": {"cache": False}}]
             else:
                 stage["outs"] = outs[name]
             out[stage_name(name, m)] = stage
     return out
 
 
+TREND_TEMPLATE = "shrinkfleet-trend"  # .dvc/plots/<name>.json, written by sync
+
 PLOTS = [
     {"accuracy-vs-coded-bytes": {"title": "Every variant, accuracy vs coded bytes", "template": "scatter",
                                  "x": "coded_bytes", "y": {"reports/variants.csv": "accuracy"}}},
-    {"production-accuracy-over-runs": {"title": "Production accuracy after each run", "template": "scatter",
+    {"production-accuracy-over-runs": {"title": "Production accuracy after each run", "template": TREND_TEMPLATE,
                                        "x": "time", "y": {"reports/trends.csv": "accuracy"}}},
+    {"production-coded-bytes-over-runs": {"title": "Production coded bytes after each run",
+                                          "template": TREND_TEMPLATE,
+                                          "x": "time", "y": {"reports/trends.csv": "coded_bytes"}}},
     "reports/plots/",
 ]
+
+# A Vega-Lite template for DVC: a time axis (DVC's own templates have numeric ones) and a
+# colour per model (theirs colour by file and revision; one CSV holds every model).
+TREND_SPEC = {
+    "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+    "data": {"values": "<DVC_METRIC_DATA>"},
+    "title": "<DVC_METRIC_TITLE>",
+    "width": 400, "height": 250,
+    "mark": {"type": "line", "point": True},
+    "encoding": {
+        "x": {"field": "<DVC_METRIC_X>", "type": "temporal", "title": "run started (UTC)"},
+        "y": {"field": "<DVC_METRIC_Y>", "type": "quantitative", "title": "<DVC_METRIC_Y_LABEL>",
+              "scale": {"zero": False}},
+        "color": {"field": "model", "type": "nominal"},
+        "tooltip": [{"field": "model"}, {"field": "version"}, {"field": "<DVC_METRIC_X>", "type": "temporal"},
+                    {"field": "<DVC_METRIC_Y>"}],
+    },
+}
+
+
+def metrics_files(fleet: FleetConfig) -> list[str]:
+    """The flat per-model summaries (report.write_summary) that ``dvc metrics show`` lists."""
+    return [f"metrics/summary/{m}.json" for m in fleet.model_names()]
 
 
 def render(fleet: FleetConfig, root: Path | None = None) -> str:
     """The text of ``dvc.yaml`` for ``fleet`` in the project folder ``root``."""
-    body = {"stages": stages(fleet, root), "plots": PLOTS}
+    body = {"stages": stages(fleet, root), "metrics": metrics_files(fleet), "plots": PLOTS}
     return HEADER + yaml.safe_dump(body, sort_keys=False, default_flow_style=False, width=120)
+
+
+def write_templates(root: Path) -> Path | None:
+    """Write ``.dvc/plots/shrinkfleet-trend.json`` (the trend plots' template) if DVC is set up in ``root``."""
+    import json
+
+    from shrinkfleet.storage import atomic_write_text
+
+    if not (root / ".dvc").is_dir():
+        return None
+    path = root / ".dvc" / "plots" / f"{TREND_TEMPLATE}.json"
+    text = json.dumps(TREND_SPEC, indent=2) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    return path
 
 
 def changes(root: Path, fleet: FleetConfig) -> list[str]:
@@ -244,6 +288,7 @@ def sync(root: Path, fleet: FleetConfig) -> list[str]:
     diff = changes(root, fleet)
     if diff:
         atomic_write_text(root / PIPELINE_FILE, render(fleet, root))
+    write_templates(root)
     return diff
 
 

@@ -137,13 +137,19 @@ def report(
     models: Annotated[str | None, typer.Option("--models", "--model", "-m",
                                                help="Comma-separated models (default: all).")] = None,
     since: Annotated[str | None, typer.Option(help="Only runs this recent: 30m, 12h, 7d, 2w (default: all).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Folder for fleet.md, fleet.html and plots/ (default: reports/rebuilt-<time>; "
+        "reports itself replaces the last run's report).")] = None,
     params: ParamsOpt = None,
     root: RootOpt = Path("."),
 ) -> None:
-    """Rebuild reports/fleet.md and fleet.html from MLflow and print the variant table.
+    """Rebuild the fleet report from MLflow and print the variant table.
 
-    Each model's latest finished run (within --since) gives its variants; the trend plots
-    show what production served after each run.
+    The same report a run writes: each model's latest finished run (within
+    --since) gives its variants and the gate's verdicts, the registry what
+    production serves, params.yaml the fleet's order and gates. It goes to a
+    new folder, so the run's own report stays as it was, unless --out names
+    reports/.
     """
     import datetime as dt
 
@@ -161,20 +167,31 @@ def report(
     unknown = sorted(set(wanted or []) - set(fleet.model_names()))
     if unknown:
         _fail(f"--models: {', '.join(unknown)} not in {params.name} (fleet: {', '.join(fleet.model_names())})")
+    names = wanted or fleet.model_names()
     experiment_id = tracking.setup(root, fleet.fleet)
-    docs = rep.docs_from_mlflow(experiment_id, wanted, cutoff)
+    docs = rep.docs_from_mlflow(experiment_id, names, cutoff)
     if not docs:
         window = f" in the last {since}" if since else ""
         _fail(f"no finished model runs{window} in MLflow ({tracking.tracking_uri(root)}): run `shrinkfleet run` first",
               code=1)
-    trends = rep.trends_from_mlflow(experiment_id, wanted, cutoff)
+    ws = Workspace(root)
+    now = dt.datetime.now(dt.UTC)
+    folder = (out if out.is_absolute() else root / out) if out else ws.reports / f"rebuilt-{now:%Y%m%d-%H%M%S}"
+    trends = rep.trends_from_mlflow(experiment_id, list(docs), cutoff)
+    verdicts, served = rep.verdicts_of(docs), rep.served_variants(list(docs))
     latest = max(d["time"] for d in docs.values())
-    path = rep.write_report(Workspace(root), docs, {}, {
+    path = rep.write_report(ws, docs, {}, {
         "fleet": fleet.fleet, "rebuilt from": tracking.tracking_uri(root),
         "latest run": latest.strftime("%Y-%m-%d %H:%M:%S UTC"), "window": since or "all runs",
-        "models": ", ".join(docs)}, trends=trends)
-    console.print(rep.markdown(rep.formatted(rep.variant_table(docs))))
-    console.print(f"\nwrote {path} and {path.with_suffix('.html')}")
+        "models": ", ".join(docs)}, outcomes={m: {"gate": verdicts[m]} for m in docs}, trends=trends,
+        served=served, gates={m: fleet.resolve(m).gate.model_dump() for m in docs},
+        moves=rep.moves_from_registry(list(docs)), out=folder)
+    console.print(rep.markdown(rep.formatted(rep.variant_table(docs, verdicts, served))))
+    for m, doc in docs.items():
+        console.print(f"{m}: {rep.production_note(doc, served.get(m), verdicts[m])}", highlight=False)
+    replaced = folder.resolve() == ws.reports.resolve()
+    console.print(f"\nwrote {path} and {path.with_suffix('.html')}"
+                  + (" (replacing the last run's report)" if replaced else ""), highlight=False)
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,8 +101,13 @@ def test_fleet_runs_tracks_records_and_reruns_nothing(project):
     report_text = (project / "reports" / "fleet.md").read_text()
     assert "## Pareto fronts (accuracy vs coded bytes)" in report_text
     assert doc["pareto_front"] and all(doc["variants"][n]["pareto"] for n in doc["pareto_front"])
-    assert sorted((m.strip(), v.strip().removesuffix(" *")) for m, v in rows) == sorted(
+    assert sorted((m.strip(), v.strip().removesuffix(" (production)").removesuffix(" *")) for m, v in rows) == sorted(
         (m, v) for m in ("digits-mlp", "cancer-mlp") for v in VARIANTS)
+    # The served variant of each member with a production version is marked, once, on a .tflite row.
+    served = sorted(m.strip() for m, v in rows if v.strip().endswith("(production)"))
+    promoted = sorted(m for m in ("digits-mlp", "cancer-mlp") if re.search(rf"✓ {m}:.*; production v\d", first.stdout))
+    assert served == promoted and promoted  # (the tiny fleet's default gate passes something)
+    assert all(v.strip().startswith("pruned-") for m, v in rows if v.strip().endswith("(production)"))
     assert (project / "reports" / "plots" / "digits-mlp-pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _dvc_status(project) == {}
 

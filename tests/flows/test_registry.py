@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from shrinkfleet import report
 from tests.conftest import make_project, mlflow_env_restored, shrinkfleet_cmd
 
 pytestmark = pytest.mark.slow
@@ -110,10 +112,21 @@ def test_04_changed_param_makes_a_second_version(nightly):
 def test_04b_report_rebuilds_from_mlflow_with_trends(nightly):
     import pandas as pd
 
+    run_md = (nightly.root / "reports" / "fleet.md").read_text()
+    out = nightly.run("report", "--since", "1d", "--model", MODEL)
+    assert (nightly.root / "reports" / "fleet.md").read_text() == run_md  # the run's own report is left alone
+    rebuilt = next((nightly.root / "reports").glob("rebuilt-*/fleet.md")).read_text()
+    # The same report as the run's: the gate's column, the registry section, production marked and explained.
+    for text in (run_md, rebuilt):
+        assert re.search(r"\|\s*gate\s*\|", text) and "## Registry (alias `production`)" in text
+        row = next(line for line in text.splitlines() if "(production)" in line and line.startswith(f"| {MODEL}"))
+        assert "pass" in row
+        assert f"- **{MODEL}**: " in text and "production v2 serves" in text
+    assert "(production)" in out and "production v2 serves" in out and "rebuilt-" in out
     for stale in (nightly.root / "reports").rglob("*.*"):
         stale.unlink()
-    out = nightly.run("report", "--since", "1d", "--model", MODEL)
-    assert "pruned-int8" in out and "fleet.html" in out
+    out = nightly.run("report", "--since", "1d", "--model", MODEL, "--out", "reports")
+    assert "pruned-int8" in out and "fleet.html" in out and "replacing the last run's report" in out
     trends = pd.read_csv(nightly.root / "reports" / "trends.csv")
     assert trends["version"].tolist() == [1, 1, 2]  # what production served after each of the three nights
     for kind in ("pareto", "waterfall", "trend"):
@@ -177,6 +190,12 @@ def test_08_nightly_run_does_not_undo_a_rollback(nightly):
     out = nightly.run("run")
     assert nightly.production() == "1" and len(nightly.versions()) == 2
     assert "not promoted again automatically" in out
+    # The report says production serves an earlier run's bytes, and the trend plot gets the rollback.
+    md = (nightly.root / "reports" / "fleet.md").read_text()
+    assert "production v1 serves" in md and "from an earlier run" in md
+    assert not any("(production)" in line for line in md.splitlines() if line.startswith(f"| {MODEL}"))
+    moves = report.moves_from_registry([MODEL])
+    assert moves[["action", "from_version", "to_version"]].values.tolist() == [["rollback", "2", "1"]]
 
 
 def test_09_rollback_with_no_earlier_version_is_a_clear_error(nightly):

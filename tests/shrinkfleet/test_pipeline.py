@@ -88,7 +88,7 @@ def test_every_stage_lists_only_the_params_keys_it_reads_and_that_params_yaml_ha
         "seed", "prune", "cluster", "qat", "quantize", "recipes", "models.digits-mlp.prune",
         "models.digits-mlp.quantize"]
     assert not [p for s in stages.values() for p in s["params"] if "gate" in p or p == "search"]
-    assert stages["evaluate-digits-mlp"]["metrics"] == [{"metrics/digits-mlp.json": {"cache": False}}]
+    assert stages["evaluate-digits-mlp"]["outs"] == [{"metrics/digits-mlp.json": {"cache": False}}]
 
 
 def test_dvc_accepts_the_written_file_and_names_every_stage(tmp_path, tiny_params):

@@ -97,14 +97,110 @@ def test_trends_hold_what_production_served_after_each_run(store):
     assert report.trends_from_mlflow(store, last=1)["version"].tolist() == [2]
 
 
+def _doc(night: int = 1) -> dict:
+    return {"model": "m", "variants": {n: {**v["metrics"], "format": v["format"], "parent": v["parent"],
+                                           "recipe": f"teacher > distill > prune > {n.removeprefix('pruned-')}"}
+                                       for n, v in NIGHTS[night].items()},
+            "pareto_front": ["pruned-clustered", "student", "teacher"]}
+
+
 def test_waterfall_goes_from_teacher_to_coded():
-    doc = {"model": "m", "variants": {n: {**v["metrics"], "format": v["format"], "parent": v["parent"]}
-                                      for n, v in NIGHTS[1].items()},
-           "pareto_front": ["pruned-clustered", "student", "teacher"]}
+    doc = _doc()
+    doc["variants"]["pruned-clustered"]["recipe"] = "teacher > distill > prune > cluster > float32"
     steps = report.waterfall(doc)
-    assert [s for s, _, _ in steps] == ["teacher", "student", "pruned", "quantized", "coded"]
+    # A clustered float32 flatbuffer is named by its conversion, not "quantized".
+    assert [s for s, _, _ in steps] == ["teacher", "student", "pruned", "float32", "coded"]
     assert [b for _, b, _ in steps] == [200_000, 20_000, 20_000, 20_000, 2_500]
-    assert "80% zeros" in steps[2][2] and steps[4][2].startswith("pruned-clustered")
+    assert steps[2][2] == "80% zeros" and all(len(f"{s} {note}") <= 20 for s, _, note in steps)
+
+
+def test_waterfall_ends_at_the_served_variant():
+    steps = report.waterfall(report.plot_doc(_doc(), {"version": "3", "variant": "pruned-int8", "coded_bytes": 3_000}))
+    assert [s for s, _, _ in steps][-2:] == ["int8", "coded"] and steps[-1][1] == 3_000
+
+
+SERVED = {"digits-mlp": {"version": "2", "variant": "pruned-int8", "coded_bytes": 2_000.0, "objective": "accuracy"}}
+
+
+def test_production_is_marked_and_explained_in_the_report(store, tmp_path):
+    docs = report.docs_from_mlflow(store)
+    ws = Workspace(tmp_path / "project")
+    md = report.write_report(ws, docs, {}, {"fleet": "fixture"}, served=SERVED).read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| digits-mlp") and "(production)" in line)
+    assert "pruned-int8" in row
+    assert md.count("(production)") == 2  # the row, and the legend explaining the mark
+    note = next(line for line in md.splitlines() if line.startswith("- **digits-mlp**: production v2"))
+    assert "not the front's smallest pruned-clustered" in note and "objective (accuracy)" in note
+    page = (ws.reports / "fleet.html").read_text()
+    assert "pruned-int8 (production)" in page and "not the front&#x27;s smallest" in page
+    csv = pd.read_csv(ws.reports / "variants.csv")
+    assert csv.loc[csv["production"], "variant"].tolist() == ["pruned-int8"]  # what dvc plots reads
+
+
+def test_production_from_an_earlier_run_is_not_marked_on_this_runs_variant(store, tmp_path):
+    docs = report.docs_from_mlflow(store)
+    older = {"digits-mlp": {**SERVED["digits-mlp"], "coded_bytes": 3_000.0}}  # night 1's bytes
+    md = report.write_report(Workspace(tmp_path / "p"), docs, {}, {}, served=older).read_text()
+    assert "| pruned-int8 (production)" not in md.replace("  ", " ")
+    assert "production v2 serves pruned-int8 from an earlier run" in md
+
+
+def _crowded() -> dict:
+    """Many variants a few bytes and a tenth of a point apart, one at 100%: labels would collide."""
+    variants = {"teacher": {"accuracy": 1.0, "size_bytes": 200_000, "coded_bytes": 180_000, "format": "keras"}}
+    for i in range(12):
+        variants[f"pruned-variant-{i}"] = {"accuracy": 0.95 + i * 0.001, "size_bytes": 8_000,
+                                           "coded_bytes": 2_000 + 40 * i, "format": "tflite"}
+    return {"model": "m", "variants": variants, "pareto_front": ["teacher", *list(variants)[1:]]}
+
+
+def test_pareto_labels_do_not_overlap_and_accuracy_stops_at_100():
+    doc = report.plot_doc(_crowded(), {"version": "1", "variant": "pruned-variant-3", "coded_bytes": 2_120},
+                          {"max_accuracy_drop": 0.04, "max_size_bytes": None})
+    fig = report.pareto_figure(doc)
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in ax.texts if t.get_text()]
+    assert {t.get_text() for t in texts} == set(doc["variants"])  # the front and the served variant
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i, a in enumerate(boxes):
+        for j, b in enumerate(boxes[:i]):
+            assert not a.overlaps(b), f"{texts[i].get_text()} overlaps {texts[j].get_text()}"
+    assert ax.get_ylim()[1] <= 100
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "production: pruned-variant-3" in legend
+    gate = next(line for line in ax.get_lines() if line.get_label().startswith("gate"))
+    assert gate.get_ydata()[0] == pytest.approx(96.0)  # the teacher's 100% less the 4-point limit
+    report._pyplot().close(fig)
+
+
+def test_only_the_front_and_the_served_variant_are_labelled():
+    doc = _doc()  # pruned-int8 is not on this front
+    labels = {t.get_text() for t in report.pareto_figure(report.plot_doc(doc)).axes[0].texts}
+    assert labels == {"pruned-clustered", "student", "teacher"}
+    served = report.plot_doc(doc, {"version": "1", "variant": "pruned-int8", "coded_bytes": 3_000})
+    assert "pruned-int8" in {t.get_text() for t in report.pareto_figure(served).axes[0].texts}
+
+
+def test_summary_has_one_flat_row_per_model(store, tmp_path):
+    docs = report.docs_from_mlflow(store)
+    ws = Workspace(tmp_path / "project")
+    report.write_report(ws, docs, {}, {}, served=SERVED)
+    files = sorted((ws.root / "metrics" / "summary").glob("*.json"))
+    assert [f.stem for f in files] == list(docs)
+    row = json.loads(files[0].read_text())
+    assert row == {"variant": "pruned-int8", "version": 2, "accuracy": 0.945, "coded_bytes": 2_000,
+                   "coded_ratio": 100.0}
+
+
+def test_a_rebuilt_report_elsewhere_leaves_the_runs_report_alone(store, tmp_path):
+    docs = report.docs_from_mlflow(store)
+    ws = Workspace(tmp_path / "project")
+    run_md = report.write_report(ws, docs, {}, {"fleet": "run"})
+    before = run_md.read_bytes(), (ws.reports / "variants.csv").read_bytes()
+    other = report.write_report(ws, docs, {}, {"fleet": "rebuilt"}, out=ws.reports / "rebuilt-x")
+    assert (run_md.read_bytes(), (ws.reports / "variants.csv").read_bytes()) == before
+    assert "rebuilt" in other.read_text() and (other.parent / "plots" / "digits-mlp-pareto.png").is_file()
 
 
 @pytest.mark.parametrize(("n", "text"), [(950, "950 B"), (1_000, "1 kB"), (1_506, "1.51 kB"),
@@ -196,13 +292,21 @@ def test_dvc_plots_show_renders_the_report(store, tmp_path, tiny_params):
 
     pipeline.sync(project, parse_params(tiny_params))
     report.write_report(Workspace(project), report.docs_from_mlflow(store), {}, {},
-                        trends=report.trends_from_mlflow(store))
+                        trends=report.trends_from_mlflow(store), served=SERVED)
     out = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots-html"], cwd=project,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "failed to load" not in out.stdout + out.stderr
     page = (project / "plots-html" / "index.html").read_text()
     assert "accuracy-vs-coded-bytes" in page or "Every variant" in page
+    # The trend specs: time on a temporal axis, a colour per model.
+    assert '"type": "temporal"' in page and '"color": {"field": "model"' in page
+    shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show"], cwd=project, capture_output=True,
+                           text=True, check=True).stdout
+    rows = {line.split()[0]: line.split()[1:] for line in shown.splitlines() if line.startswith("metrics/")}
+    assert list(rows) == ["metrics/summary/digits-mlp.json", "metrics/summary/cancer-mlp.json"]
+    assert {"pruned-int8", "2000"} <= set(rows["metrics/summary/digits-mlp.json"])
+    assert set(rows["metrics/summary/cancer-mlp.json"]) == {"-"}  # no run of it in this store
     static = sorted(p.name for p in (project / "plots-html" / "static").glob("*.png"))
     assert len(static) == 3 and all("digits-mlp" in n for n in static)
 
