@@ -25,8 +25,10 @@ from shrinkfleet.cli.common import (
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="prepare | teacher | distill | prune | compress | evaluate")],
-    target: Annotated[str, typer.Argument(help="A dataset name (prepare) or a model name (other stages).")],
+    name: Annotated[str, typer.Argument(
+        metavar="STAGE", help="prepare | teacher | distill | prune | compress | evaluate")],
+    target: Annotated[str, typer.Argument(
+        metavar="TARGET", help="A dataset name (prepare) or a model name (other stages).")],
     sklearn_version: Annotated[
         str | None, typer.Option("--sklearn-version", help="prepare of a bundled set: the scikit-learn release "
                                  "dvc.yaml was written for (refused if this environment has another).")
@@ -124,7 +126,7 @@ def report(
     import datetime as dt
 
     from shrinkfleet import report as rep
-    from shrinkfleet import tracking
+    from shrinkfleet import times, tracking
     from shrinkfleet.workspace import Workspace
 
     root, params = _paths(root, params)
@@ -147,7 +149,7 @@ def report(
     latest = max(d["time"] for d in docs.values())
     path = rep.write_report(Workspace(root), docs, {}, {
         "fleet": fleet.fleet, "rebuilt from": tracking.tracking_uri(root),
-        "latest run": latest.strftime("%Y-%m-%d %H:%M:%S UTC"), "window": since or "all runs",
+        "latest run": times.shown(latest), "window": since or "all runs",
         "models": ", ".join(docs)}, trends=trends)
     console.print(rep.markdown(rep.formatted(rep.variant_table(docs))))
     console.print(f"\nwrote {path} and {path.with_suffix('.html')}")
@@ -155,7 +157,8 @@ def report(
 
 @app.command()
 def decode(
-    blob: Annotated[Path, typer.Argument(help="An entropy-coded variant (models/<model>/variants/<name>.sfc).")],
+    blob: Annotated[Path, typer.Argument(
+        metavar="FILE.sfc", help="An entropy-coded variant (models/<model>/variants/<name>.sfc).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .tflite flatbuffer.")],
 ) -> None:
     """Decode a .sfc blob back to its .tflite flatbuffer (byte-identical to the variant)."""
