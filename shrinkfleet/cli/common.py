@@ -68,19 +68,36 @@ COMPACT_BELOW = 100
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]], *, names: tuple[str, ...] = ("model", "variant"),
-                left: tuple[str, ...] = (), legend: str = "", out: Console | None = None) -> None:
+                left: tuple[str, ...] = (), legend: str = "", wide: bool = False, group: str | None = None,
+                out: Console | None = None) -> None:
     """Print a table whose name columns (``names``) are never cut, compact on a narrow console.
 
     Name columns (and times, passed in ``names`` too) neither wrap nor shorten: their minimum
     width is their longest cell; the other columns give way. Below :data:`COMPACT_BELOW`
     columns the table drops its box and padding, so 80 columns hold a model name, a variant
-    name and a few numbers.
+    name and a few numbers; there a ``group`` column (the model of the run table's variants)
+    becomes a heading row above its rows instead of a column. A table that cannot fit
+    (``wide``: every column unwrapped; else its name columns) is printed wider than the
+    console, its lines left for the terminal or ``less -S`` to wrap, rather than cut.
     """
     from rich import box
+    from rich.measure import Measurement
     from rich.table import Table
 
     out = out or console
     compact = out.width < COMPACT_BELOW
+    if compact and group in header and len(header) > 2:
+        at = header.index(group)
+        grouped: list[list[str]] = []
+        last = None
+        for r in rows:
+            if not grouped or r[at] != last:
+                last = r[at]
+                grouped.append([last] + [""] * (len(header) - 2))
+            grouped.append(["  " + r[at + 1], *r[:at], *r[at + 2:]])
+        header = [f"{group} / {header[at + 1]}", *header[:at], *header[at + 2:]]
+        names = (*names, header[0])
+        rows = grouped
     t = Table(title=title, box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD, pad_edge=not compact,
               padding=(0, 1), title_justify="left" if compact else "center")
     for i, col in enumerate(header):
@@ -92,6 +109,11 @@ def print_table(title: str, header: list[str], rows: list[list[str]], *, names: 
             t.add_column(col, justify="left" if col in left else "right")
     for r in rows:
         t.add_row(*r)
+    need = Measurement.get(out, out.options.update_width(10_000), t)
+    target = need.maximum if wide else need.minimum
+    if target > out.width:
+        out = Console(file=out.file, width=target, force_terminal=out.is_terminal, color_system=out.color_system,
+                      highlight=False)
     out.print(t)
     if legend:
         out.print(legend, highlight=False, style="dim")

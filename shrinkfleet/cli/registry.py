@@ -138,7 +138,7 @@ def status(
     header = ["model", "prod", "variant", "acc % | MAE", "bytes", "ratio", "promoted", "versions", "git"]
     keep = len(header) if wide else 5
     print_table("Production (alias production)", header[:keep], [r[:keep] for r in rows],
-                names=("model", "prod", "variant", "promoted"), left=("prod", "promoted", "git"),
+                names=("model", "prod", "variant", "promoted"), left=("prod", "promoted", "git"), wide=wide,
                 legend="" if wide else "(--wide: ratio, promoted, versions, git)")
     for note in notes:
         console.print(note, highlight=False)
@@ -190,14 +190,14 @@ def history(
     header = ["version", "variant", "acc % | MAE", "bytes", "created", "state", "ratio", "git"]
     keep = len(header) if wide else 6
     print_table(f"{model}: versions", header[:keep], [r[:keep] for r in rows],
-                names=("version", "variant", "created"), left=("created", "state", "git"),
+                names=("version", "variant", "created", "state"), left=("created", "state", "git"), wide=wide,
                 legend="◆ production serves it" + ("" if wide else "   (--wide: ratio, git)"))
     moves = [[times.shown(e["time"]), e["action"], f"v{e['from_version']}" if e["from_version"] else "-",
               f"v{e['to_version']}", e["reason"], e["actor"], e["trigger"]] for e in events]
     header = ["time", "action", "from", "to", "reason", "by", "trigger"]
     keep = len(header) if wide else 5
     print_table(f"{model}: moves of alias production", header[:keep], [r[:keep] for r in moves],
-                names=("time", "action", "from", "to"), left=("reason", "by", "trigger"),
+                names=("time", "action", "from", "to"), left=("reason", "by", "trigger"), wide=wide,
                 legend="" if wide else "(--wide: who moved production, trigger)")
 
 

@@ -219,7 +219,7 @@ def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapse
     docs = report.load_metrics(ws, ok)
     if docs:
         header, rows = summary_rows(docs, summary, wide)
-        print_table("Fleet variants", header, rows, left=("gate",),
+        print_table("Fleet variants", header, rows, left=("gate",), wide=wide, group="model",
                     legend="* on the Pareto front   ◆ production serves it"
                     + ("" if wide else "   (--wide: every column)"))
         for m, doc in docs.items():
