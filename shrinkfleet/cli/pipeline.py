@@ -12,6 +12,7 @@ from rich.markup import escape
 from shrinkfleet.cli.common import (
     ParamsOpt,
     RootOpt,
+    WideOpt,
     _fail,
     _load,
     _paths,
@@ -20,6 +21,7 @@ from shrinkfleet.cli.common import (
     console,
     err,
     preflight,
+    print_table,
 )
 
 
@@ -115,6 +117,7 @@ def report(
     models: Annotated[str | None, typer.Option("--models", "--model", "-m",
                                                help="Comma-separated models (default: all).")] = None,
     since: Annotated[str | None, typer.Option(help="Only runs this recent: 30m, 12h, 7d, 2w (default: all).")] = None,
+    wide: WideOpt = False,
     params: ParamsOpt = None,
     root: RootOpt = Path("."),
 ) -> None:
@@ -138,7 +141,10 @@ def report(
     wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
     unknown = sorted(set(wanted or []) - set(fleet.model_names()))
     if unknown:
-        _fail(f"--models: {', '.join(unknown)} not in {params.name} (fleet: {', '.join(fleet.model_names())})")
+        from shrinkfleet.config import did_you_mean
+
+        hints = "".join(did_you_mean(m, fleet.model_names()) for m in unknown)
+        _fail(f"--models: {', '.join(unknown)} not in {params.name}{hints} (fleet: {', '.join(fleet.model_names())})")
     experiment_id = tracking.setup(root, fleet.fleet)
     docs = rep.docs_from_mlflow(experiment_id, wanted, cutoff)
     if not docs:
@@ -151,7 +157,11 @@ def report(
         "fleet": fleet.fleet, "rebuilt from": tracking.tracking_uri(root),
         "latest run": times.shown(latest), "window": since or "all runs",
         "models": ", ".join(docs)}, trends=trends)
-    console.print(rep.markdown(rep.formatted(rep.variant_table(docs))))
+    from shrinkfleet.cli.run import variant_rows
+
+    header, rows = variant_rows(docs, {}, {}, wide)
+    print_table("Fleet variants (from MLflow)", header, rows, left=("gate",), wide=wide, group="model",
+                legend="* on the Pareto front" + ("" if wide else "   (--wide: every column)"))
     console.print(f"\nwrote {path} and {path.with_suffix('.html')}")
 
 

@@ -194,13 +194,21 @@ def summary_rows(docs: dict[str, Any], summary: dict[str, Any], wide: bool) -> t
     Without ``wide`` only :data:`SUMMARY_COLUMNS` (the gate's verdict shortened to pass/fail);
     with it every column of :func:`shrinkfleet.report.formatted` and the gate's full verdict.
     """
+    gates = {m: summary["models"][m].get("gate") or {} for m in docs}
+    served = {m: (summary["models"][m].get("registry") or {}).get("serving") for m in docs}
+    return variant_rows(docs, gates, served, wide)
+
+
+def variant_rows(docs: dict[str, Any], gates: dict[str, dict[str, str]], served: dict[str, str | None],
+                 wide: bool) -> tuple[list[str], list[list[str]]]:
+    """:func:`summary_rows` from its parts: verdicts per model and variant, the served variant per model."""
     from shrinkfleet import report
 
-    gates = {m: summary["models"][m].get("gate") or {} for m in docs}
     table = report.formatted(report.variant_table(docs, gates))
-    served = {(m, (summary["models"][m].get("registry") or {}).get("serving")) for m in docs}
-    table["prod"] = [("◆" if (m, v.removesuffix(" *")) in served else "")
+    table["prod"] = [("◆" if served.get(m) == v.removesuffix(" *") else "")
                      for m, v in zip(table["model"], table["variant"], strict=True)]
+    if not any(served.values()):
+        table = table.drop(columns="prod")
     if not wide:
         if "gate" in table:
             table["gate"] = table["gate"].map(lambda g: g.split(":", 1)[0])
