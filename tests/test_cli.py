@@ -226,7 +226,8 @@ def test_a_key_nothing_resembles_gets_the_general_hint(tmp_path, tiny_params):
 
 
 @pytest.mark.parametrize("command", [["run", "--models", "digts-mlp"], ["status", "--models", "digts-mlp"],
-                                     ["history", "digts-mlp"], ["lineage", "digts-mlp"]])
+                                     ["history", "digts-mlp"], ["lineage", "digts-mlp"],
+                                     ["stage", "teacher", "digts-mlp"], ["report", "--models", "digts-mlp"]])
 def test_a_mistyped_model_name_gets_a_suggestion(tmp_path, tiny_params, command):
     result = runner.invoke(app, [*command, "--root", str(_write(tmp_path, tiny_params))])
     assert result.exit_code == 2, result.output

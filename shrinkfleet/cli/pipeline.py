@@ -54,7 +54,9 @@ def stage(
     names = fleet.datasets if name == "prepare" else fleet.models
     if target not in names:
         kind = "dataset" if name == "prepare" else "model"
-        _fail(f"{target!r} is not a {kind} of the fleet (one of: {', '.join(names)})")
+        from shrinkfleet.config import did_you_mean
+
+        _fail(f"{target!r} is not a {kind} of the fleet{did_you_mean(target, names)} (one of: {', '.join(names)})")
     if sklearn_version is not None and sklearn_version != pipeline.sklearn_version():
         _fail(f"dvc.yaml was written for scikit-learn {sklearn_version}, this environment has "
               f"{pipeline.sklearn_version()}: run `shrinkfleet sync` (then prepare-{target} re-runs)")
