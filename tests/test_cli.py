@@ -199,6 +199,21 @@ def test_registry_commands_take_params_and_json(command):
     assert "--params" in out and "--json" in out
 
 
+def test_validate_json_lists_the_problems(tmp_path, tiny_params):
+    import json
+
+    tiny_params["datasets"]["mine"] = {"source": "npz", "path": "data/raw/mine.npz"}
+    tiny_params["models"]["digits-mlp"]["dataset"] = "mine"
+    root = _write(tmp_path, tiny_params)
+    result = runner.invoke(app, ["validate", "--json", "--root", str(root)])
+    assert result.exit_code == 2
+    data = json.loads(result.stdout)
+    assert data["models"] == ["digits-mlp", "cancer-mlp"] and "mine.npz does not exist" in data["problems"][0]
+    only = runner.invoke(app, ["validate", "--json", "--models", "cancer-mlp", "--root", str(root)])
+    assert only.exit_code == 0 and json.loads(only.stdout) == {
+        "params": str((root / "params.yaml").resolve()), "fleet": "tiny", "models": ["cancer-mlp"], "problems": []}
+
+
 def test_decode_is_documented():
     out = runner.invoke(app, ["decode", "--help"]).output
     assert ".sfc" in out and "--out" in out and "byte-identical" in out

@@ -10,6 +10,8 @@ import typer
 from rich.markup import escape
 
 from shrinkfleet.cli.common import (
+    JsonOpt,
+    ModelsOpt,
     ParamsOpt,
     RootOpt,
     WideOpt,
@@ -21,7 +23,9 @@ from shrinkfleet.cli.common import (
     console,
     err,
     preflight,
+    print_json,
     print_table,
+    selected,
 )
 
 
@@ -94,19 +98,27 @@ def sync(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
 
 
 @app.command()
-def validate(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
+def validate(models: ModelsOpt = None, as_json: JsonOpt = False, params: ParamsOpt = None,
+             root: RootOpt = Path(".")) -> None:
     """Check params.yaml and everything a run needs, without running or writing anything.
 
     Keys, types and ranges; every dataset file, loaded and checked; the output folders; the
     MLflow server in MLFLOW_TRACKING_URI; S3 credentials when remote storage is configured.
+    --models checks what a run of those members needs; --json prints
+    ``{"params", "fleet", "models", "problems"}`` (exit 2 when there are problems). A file that
+    does not parse is reported as usual, on stderr.
     """
     root, params = _paths(root, params)
     fleet = _load(params)
-    problems = preflight(fleet, params, root, fleet.model_names())
+    names = selected(fleet, models)
+    problems = preflight(fleet, params, root, names)
+    if as_json:
+        print_json({"params": str(params), "fleet": fleet.fleet, "models": names, "problems": problems})
+        raise typer.Exit(2 if problems else 0)
     if problems:
         _fail("\n  ".join([f"{params}:", *problems]))
-    console.print(f"{params}: fleet [cyan]{fleet.fleet}[/] is valid: {len(fleet.models)} model(s) "
-                  f"({', '.join(fleet.models)}) on {len(fleet.datasets_in_use())} dataset(s)")
+    console.print(f"{params}: fleet [cyan]{fleet.fleet}[/] is valid: {len(names)} model(s) "
+                  f"({', '.join(names)}) on {len(fleet.datasets_in_use())} dataset(s)")
     from shrinkfleet import pipeline, versioning
 
     if versioning.is_dvc_repo(root) and params == root / "params.yaml" and (behind := pipeline.changes(root, fleet)):
