@@ -228,7 +228,7 @@ def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapse
     if docs:
         header, rows = summary_rows(docs, summary, wide)
         print_table("Fleet variants", header, rows, left=("gate",), wide=wide, group="model",
-                    legend="* on the Pareto front   ◆ production serves it"
+                    legend="* on the Pareto front" + ("   ◆ production serves it" if "prod" in header else "")
                     + ("" if wide else "   (--wide: every column)"))
         for m, doc in docs.items():
             serving = (summary["models"][m].get("registry") or {}).get("serving")
