@@ -34,7 +34,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from shrinkfleet import locks, pipeline, remote, report, runlog, storage, tracking, versioning
+from shrinkfleet import locks, pipeline, remote, report, runlog, storage, times, tracking, versioning
 from shrinkfleet import registration as register
 from shrinkfleet.config import ConfigError, RunConfig, Snapshot, load_params, load_snapshot, select_models
 from shrinkfleet.pipeline import stage_name
@@ -553,7 +553,7 @@ class FleetRun:
         docs = report.load_metrics(self.ws, [m for m in names if results[m]["status"] == "ok"])
         header = {
             "fleet": self.fleet.fleet,
-            "started": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "started": times.shown(started),
             "git": tags["git_sha"],
             "trigger": self.trigger,
             "models": f"{len(names) - len(failures)} of {len(names)} finished",

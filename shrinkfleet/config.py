@@ -16,9 +16,11 @@ allowed and are raised before any work starts.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
+import typing
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -702,7 +704,8 @@ class FleetConfig(_Strict):
     def resolve(self, name: str) -> ResolvedModel:
         """Merge the fleet defaults with one model's overrides and validate the result."""
         if name not in self.models:
-            raise ConfigError(f"models.{name}: no such model; the fleet has {', '.join(self.models)}")
+            raise ConfigError(f"models.{name}: no such model{did_you_mean(name, self.models)}; the fleet has "
+                              f"{', '.join(self.models)}")
         spec = self.models[name]
         errors: list[str] = []
 
@@ -775,7 +778,8 @@ def select_models(fleet_models: list[str], wanted: list[str] | None) -> list[str
         return fleet_models
     unknown = [m for m in wanted if m not in fleet_models]
     if unknown:
-        raise ConfigError(f"--models: {', '.join(unknown)} not in the fleet (one of: {', '.join(fleet_models)})")
+        hints = "".join(did_you_mean(m, fleet_models) for m in unknown)
+        raise ConfigError(f"--models: {', '.join(unknown)} not in the fleet{hints} (one of: {', '.join(fleet_models)})")
     return [m for m in fleet_models if m in wanted]
 
 
@@ -783,8 +787,43 @@ def _train_overrides(arch: Any) -> dict[str, Any]:
     return {k: v for k in ("epochs", "batch_size", "learning_rate") if (v := getattr(arch, k, None)) is not None}
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through Optional, unions, Annotated, list, dict values)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is dict:
+        args = args[1:]
+    return [m for a in args for m in _models_in(a)]
+
+
+def allowed_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys a mapping at ``loc`` (a pydantic error location, the key itself last) may hold.
+
+    Followed through the models' fields; a list index, a dict key or a union's tag in the path
+    keeps the candidate models. Empty when the path cannot be followed.
+    """
+    current: list[type[BaseModel]] = [root]
+    for part in loc[:-1]:
+        if isinstance(part, int) or _is_tag(str(part)):
+            continue
+        fields = [m.model_fields[part] for m in current if part in m.model_fields]
+        nxt = [m for f in fields for m in _models_in(f.annotation)]
+        if not fields:  # a dict key (a model's or dataset's name): same candidates
+            continue
+        current = nxt
+    return sorted({k for m in current for k in m.model_fields})
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a mistyped ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _format_errors(exc: ValidationError, prefix: str = "", source: str = "") -> str:
     lines = []
+    root = globals().get(exc.title)
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         # Discriminated unions add the chosen tag ('mlp', 'sklearn') to the path: drop it.
@@ -792,7 +831,9 @@ def _format_errors(exc: ValidationError, prefix: str = "", source: str = "") -> 
         path = ".".join([prefix, *loc] if prefix else loc) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; allowed keys are documented in params.yaml)"
+            keys = allowed_keys(root, err["loc"]) if isinstance(root, type) and issubclass(root, BaseModel) else []
+            hint = did_you_mean(str(err["loc"][-1]), keys)
+            msg = ("unknown key" + (hint or " (check the spelling; allowed keys are documented in params.yaml)"))
         elif err["type"] == "missing":
             msg = "required key is missing"
         elif err["type"] == "literal_error":

@@ -26,6 +26,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from shrinkfleet import times
+
 PRODUCTION = "production"
 EVENTS_EXPERIMENT = "shrinkfleet/registry"
 T = "shrinkfleet"  # tag prefix
@@ -59,6 +61,7 @@ class Registration:
     previous: str | None = None
     reason: str = ""
     gate: dict[str, str] = field(default_factory=dict)
+    serving: str | None = None  # this run's variant that production serves (None: an earlier run's, or none)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,14 +217,15 @@ def consider(
     if current is not None and current.tags.get(f"{T}.content_sha256") == digest:
         reg.version = str(current.version)
         reg.reason = f"unchanged: production v{current.version} has the same content"
+        reg.serving = candidate
         return reg
     if same:
         target = same[-1]
         reg.version = str(target.version)
         if target.tags.get(f"{T}.rolled_back_at"):
             when = target.tags[f"{T}.rolled_back_at"]
-            reg.reason = (f"{candidate} equals v{target.version}, rolled back at {when}: not promoted again "
-                          f"automatically (use `shrinkfleet promote {model} {target.version}`)")
+            reg.reason = (f"{candidate} equals v{target.version}, rolled back at {times.shown(when)}: not promoted "
+                          f"again automatically (use `shrinkfleet promote {model} {target.version}`)")
             return reg
     else:
         if model_uri is None:
@@ -236,6 +240,7 @@ def consider(
     why = f"gate passed: {candidate} is the best passing variant"
     move_alias(model, reg.version, "promote", why, trigger)
     reg.promoted = True
+    reg.serving = candidate
     reg.reason = why + (" (new version)" if reg.created else " (existing version)")
     return reg
 

@@ -287,6 +287,23 @@ def conversion(variant: dict[str, Any], name: str = "") -> str:
     return word if word in ("int8", "float16", "dynamic", "float32") else "tflite"
 
 
+def served_note(doc: dict[str, Any], served: str | None, gate_cfg: Any) -> str:
+    """One line saying why production serves ``served`` and not the Pareto front's smallest, or "".
+
+    Either the smallest fails the gate (its failed limits are named) or it passes and the
+    gate's objective (``gate.objective``) ranked ``served`` above it.
+    """
+    from shrinkfleet import gate
+
+    smallest = best_variant(doc)
+    if served is None or smallest is None or served == smallest or served not in doc["variants"]:
+        return ""
+    fails = gate.check(doc["variants"][smallest], gate_cfg)
+    why = (f"{smallest} fails the gate ({'; '.join(str(f) for f in fails)})" if fails
+           else f"the gate's objective ({gate_cfg.objective}) picked {served}")
+    return f"{doc['model']}: production serves {served}, not the Pareto front's smallest {smallest}: {why}"
+
+
 def waterfall(doc: dict[str, Any]) -> list[tuple[str, float, str]]:
     """``(step, bytes, note)`` from the teacher to the served variant (or the smallest coded one).
 

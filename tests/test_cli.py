@@ -157,3 +157,222 @@ def test_no_prefect_analytics_notice_when_analytics_are_off(tmp_path):
     out = _in_a_terminal([exe, "schedule", "--cron", "not a cron"], env("ours"))
     assert "--cron:" in out
     assert notice not in out
+
+
+# ----------------------------------------------------------------------------- conventions and 80 columns
+
+LONG = "household-power-forecaster"  # a model name longer than the tiny fleet's
+LONG_VARIANT = "pruned-clustered-pcqat-int8"
+
+
+def _commands() -> list[str]:
+    import typer.main
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_help_shows_no_bool_placeholder(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output and "Usage: shrinkfleet " + command in result.output
+
+
+@pytest.mark.parametrize(("command", "usage"), [
+    ("promote", "{MODEL} {VERSION}"), ("history", "{MODEL}"), ("rollback", "{MODEL}"),
+    ("lineage", "{MODEL[@ALIAS|:VERSION]}"), ("stage", "{STAGE} {TARGET}"), ("decode", "{FILE.sfc}"),
+])
+def test_usage_lines_name_the_arguments_in_capitals(command, usage):
+    assert f"[OPTIONS] {usage}" in runner.invoke(app, [command, "--help"]).output
+
+
+def test_version():
+    from shrinkfleet import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"shrinkfleet {__version__}"
+
+
+@pytest.mark.parametrize("command", ["status", "history", "lineage"])
+def test_registry_commands_take_params_and_json(command):
+    out = runner.invoke(app, [command, "--help"]).output
+    assert "--params" in out and "--json" in out
+
+
+def test_validate_json_lists_the_problems(tmp_path, tiny_params):
+    import json
+
+    tiny_params["datasets"]["mine"] = {"source": "npz", "path": "data/raw/mine.npz"}
+    tiny_params["models"]["digits-mlp"]["dataset"] = "mine"
+    root = _write(tmp_path, tiny_params)
+    result = runner.invoke(app, ["validate", "--json", "--root", str(root)])
+    assert result.exit_code == 2
+    data = json.loads(result.stdout)
+    assert data["models"] == ["digits-mlp", "cancer-mlp"] and "mine.npz does not exist" in data["problems"][0]
+    only = runner.invoke(app, ["validate", "--json", "--models", "cancer-mlp", "--root", str(root)])
+    assert only.exit_code == 0 and json.loads(only.stdout) == {
+        "params": str((root / "params.yaml").resolve()), "fleet": "tiny", "models": ["cancer-mlp"], "problems": []}
+
+
+def test_decode_is_documented():
+    out = runner.invoke(app, ["decode", "--help"]).output
+    assert ".sfc" in out and "--out" in out and "byte-identical" in out
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda p: p["gate"].update(max_acuracy_drop=0.1), "gate.max_acuracy_drop: unknown key (did you mean "
+                                                       "'max_accuracy_drop'?)"),
+    (lambda p: p["models"]["digits-mlp"]["prune"].update(target_sparsty=0.5),
+     "models.digits-mlp.prune.target_sparsty: unknown key (did you mean 'target_sparsity'?)"),
+    (lambda p: p.update(recipes={"dc": {"steps": [{"cluster": {"clustrs": 4}}, "float32"]}}),
+     "recipes.dc.steps[0].cluster.clustrs: unknown key (did you mean 'clusters'?)"),
+])
+def test_a_mistyped_params_key_gets_a_suggestion(tmp_path, tiny_params, edit, expected):
+    tiny_params.setdefault("gate", {})
+    edit(tiny_params)
+    result = runner.invoke(app, ["validate", "--root", str(_write(tmp_path, tiny_params))])
+    assert result.exit_code == 2 and expected in result.output
+
+
+def test_a_key_nothing_resembles_gets_the_general_hint(tmp_path, tiny_params):
+    tiny_params["gate"] = {"zzzz": 1}
+    result = runner.invoke(app, ["validate", "--root", str(_write(tmp_path, tiny_params))])
+    assert result.exit_code == 2 and "gate.zzzz: unknown key (check the spelling" in result.output
+
+
+@pytest.mark.parametrize("command", [["run", "--models", "digts-mlp"], ["status", "--models", "digts-mlp"],
+                                     ["history", "digts-mlp"], ["lineage", "digts-mlp"],
+                                     ["stage", "teacher", "digts-mlp"], ["report", "--models", "digts-mlp"]])
+def test_a_mistyped_model_name_gets_a_suggestion(tmp_path, tiny_params, command):
+    result = runner.invoke(app, [*command, "--root", str(_write(tmp_path, tiny_params))])
+    assert result.exit_code == 2, result.output
+    assert "did you mean 'digits-mlp'?" in result.output and "Traceback" not in result.output
+
+
+def test_history_of_a_non_member_names_the_fleet(tmp_path, tiny_params):
+    result = runner.invoke(app, ["history", "nosuch", "--root", str(_write(tmp_path, tiny_params))])
+    assert result.exit_code == 2
+    assert "'nosuch' is not a fleet member of params.yaml" in result.output
+    assert "digits-mlp, cancer-mlp" in result.output and "did you mean" not in result.output
+
+
+def test_one_time_format():
+    import datetime as dt
+
+    from shrinkfleet import times
+
+    when = dt.datetime(2026, 12, 1, 22, 5, 41, tzinfo=dt.UTC)
+    expected = "2026-12-01 22:05 UTC"
+    assert times.shown(when) == expected
+    assert times.shown(when.timestamp() * 1000) == expected  # MLflow's epoch milliseconds
+    assert times.shown("2026-12-01T22:05:41.5+00:00") == expected  # promoted_at tags
+    assert times.shown("2026-12-01 22:05:41 UTC") == expected  # the registry's event times
+    assert times.shown(dt.datetime(2026, 12, 1, 23, 5, tzinfo=dt.timezone(dt.timedelta(hours=1)))) == expected
+    assert times.shown(None) == ""
+
+
+def _doc(model: str) -> dict:
+    """A metrics document: the teacher, a float32 variant, and the front's smallest (LONG_VARIANT)."""
+    def v(acc: float, size: int, coded: int, fmt: str = "tflite") -> dict:
+        return {"format": fmt, "accuracy": acc, "accuracy_drop": 0.95 - acc, "size_bytes": size,
+                "compression_ratio": 12000 / size, "coded_bytes": coded, "coded_ratio": 12000 / coded,
+                "sparsity": 0.5, "bits_per_nonzero": 9.0, "latency_ms_p50": 0.01, "recipe": "r"}
+
+    variants = {"teacher": v(0.95, 12000, 11000, "keras"), "pruned-float32": v(0.94, 3000, 1900),
+                LONG_VARIANT: v(0.90, 2500, 900)}
+    for variant in variants.values():
+        variant["pareto"] = True
+    return {"model": model, "variants": variants, "pareto_front": ["teacher", "pruned-float32", LONG_VARIANT]}
+
+
+@pytest.mark.parametrize("width", [80, 200])
+@pytest.mark.parametrize("wide", [False, True])
+def test_run_table_keeps_names_whole_and_marks_production(width, wide):
+    import io
+
+    from rich.console import Console
+
+    from shrinkfleet.cli.common import print_table
+    from shrinkfleet.cli.run import summary_rows
+
+    docs = {LONG: _doc(LONG)}
+    summary = {"models": {LONG: {"gate": {"pruned-float32": "pass", LONG_VARIANT: "fail: accuracy_drop 5.00 > "
+                                          "2.00 pts"}, "registry": {"serving": "pruned-float32"}}}}
+    header, rows = summary_rows(docs, summary, wide)
+    out = io.StringIO()
+    print_table("Fleet variants", header, rows, left=("gate",), wide=wide, group="model",
+                out=Console(file=out, width=width))
+    lines = out.getvalue().splitlines()
+    assert any(LONG in line for line in lines)
+    if width > 80:  # one row per variant, its model's name whole in each
+        assert all(LONG in line for line in lines if "pruned" in line or "teacher" in line)
+    assert any(f"{LONG_VARIANT} *" in line for line in lines)
+    served = [line for line in lines if "◆" in line]
+    assert len(served) == 1 and "pruned-float32" in served[0]
+    assert ("sparsity" in out.getvalue()) is wide and ("2.00 pts" in out.getvalue()) is wide
+    if not wide:
+        assert max(len(line.rstrip()) for line in lines) <= width
+
+
+def test_production_off_the_smallest_is_explained():
+    from shrinkfleet import report
+    from shrinkfleet.config import GateConfig
+
+    doc = _doc(LONG)
+    assert report.served_note(doc, LONG_VARIANT, GateConfig()) == ""
+    note = report.served_note(doc, "pruned-float32", GateConfig(max_accuracy_drop=0.02))
+    assert note == (f"{LONG}: production serves pruned-float32, not the Pareto front's smallest {LONG_VARIANT}: "
+                    f"{LONG_VARIANT} fails the gate (accuracy_drop 5.00 > 2.00 pts)")
+    note = report.served_note(doc, "pruned-float32", GateConfig(max_accuracy_drop=0.1, objective="accuracy"))
+    assert note.endswith("the gate's objective (accuracy) picked pruned-float32")
+
+
+def _registered(root: Path, model: str) -> None:
+    """Two registry versions of ``model``, v1 in production, as a fleet run leaves them (tags only)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from shrinkfleet import tracking
+    from tests.conftest import mlflow_env_restored
+
+    with mlflow_env_restored():
+        mlflow.set_tracking_uri(tracking.tracking_uri(root))
+        client = MlflowClient()
+        client.create_registered_model(model)
+        for variant, acc in ((LONG_VARIANT, 0.91), ("pruned-float32", 0.93)):
+            client.create_model_version(model, source=str(root / "m"), tags={
+                "shrinkfleet.variant": variant, "shrinkfleet.metric.accuracy": str(acc),
+                "shrinkfleet.metric.size_bytes": "2500", "shrinkfleet.metric.compression_ratio": "4.8",
+                "shrinkfleet.git_sha": "0123456789abcdef", "shrinkfleet.promoted_at": "2026-12-01T22:05:41+00:00"})
+        client.set_registered_model_alias(model, "production", "1")
+        mlflow.set_tracking_uri("")
+
+
+def test_status_and_history_at_80_columns(tmp_path, tiny_params):
+    """The real command at COLUMNS=80: names whole, production marked, secondary columns only with --wide."""
+    import json
+
+    from tests.conftest import shrinkfleet_cmd
+
+    tiny_params["models"] = {LONG: tiny_params["models"]["digits-mlp"]}
+    root = _write(tmp_path, tiny_params)
+    _registered(root, LONG)
+    env = {"COLUMNS": "80"}
+    status = shrinkfleet_cmd("status", cwd=root, env=env)
+    assert status.returncode == 0, status.stderr
+    row = next(line for line in status.stdout.splitlines() if line.strip().startswith(LONG))
+    assert LONG_VARIANT in row and "v1" in row and "91.00" in row
+    head = next(line for line in status.stdout.splitlines() if "variant" in line)
+    assert "versions" not in head and "2026-12-01 22:05 UTC" not in status.stdout
+    assert max(len(line.rstrip()) for line in status.stdout.splitlines()) <= 80
+    wide = shrinkfleet_cmd("status", "--wide", cwd=root, env=env)
+    assert "versions" in wide.stdout and "2026-12-01 22:05 UTC" in wide.stdout and "0123456789ab" in wide.stdout
+    history = shrinkfleet_cmd("history", LONG, cwd=root, env=env)
+    assert history.returncode == 0, history.stderr
+    rows = [line for line in history.stdout.splitlines() if line.strip()[:2] in ("v1", "v2")]
+    assert LONG_VARIANT in rows[0] and "◆ prod" in rows[0] and "pruned-float32" in rows[1]
+    data = json.loads(shrinkfleet_cmd("status", "--json", cwd=root).stdout)
+    assert data == [{"model": LONG, "versions": 2, "production": data[0]["production"]}]
+    assert data[0]["production"]["variant"] == LONG_VARIANT and data[0]["production"]["version"] == "1"
+    moves = json.loads(shrinkfleet_cmd("history", LONG, "--json", cwd=root).stdout)
+    assert [v["variant"] for v in moves["versions"]] == [LONG_VARIANT, "pruned-float32"] and moves["production"] == "1"

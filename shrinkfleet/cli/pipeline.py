@@ -11,8 +11,11 @@ import typer
 from rich.markup import escape
 
 from shrinkfleet.cli.common import (
+    JsonOpt,
+    ModelsOpt,
     ParamsOpt,
     RootOpt,
+    WideOpt,
     _fail,
     _load,
     _paths,
@@ -21,13 +24,18 @@ from shrinkfleet.cli.common import (
     console,
     err,
     preflight,
+    print_json,
+    print_table,
+    selected,
 )
 
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="prepare | teacher | distill | prune | compress | evaluate")],
-    target: Annotated[str, typer.Argument(help="A dataset name (prepare) or a model name (other stages).")],
+    name: Annotated[str, typer.Argument(
+        metavar="STAGE", help="prepare | teacher | distill | prune | compress | evaluate")],
+    target: Annotated[str, typer.Argument(
+        metavar="TARGET", help="A dataset name (prepare) or a model name (other stages).")],
     sklearn_version: Annotated[
         str | None, typer.Option("--sklearn-version", help="prepare of a bundled set: the scikit-learn release "
                                  "dvc.yaml was written for (refused if this environment has another).")
@@ -51,7 +59,9 @@ def stage(
     names = fleet.datasets if name == "prepare" else fleet.models
     if target not in names:
         kind = "dataset" if name == "prepare" else "model"
-        _fail(f"{target!r} is not a {kind} of the fleet (one of: {', '.join(names)})")
+        from shrinkfleet.config import did_you_mean
+
+        _fail(f"{target!r} is not a {kind} of the fleet{did_you_mean(target, names)} (one of: {', '.join(names)})")
     if sklearn_version is not None and sklearn_version != pipeline.sklearn_version():
         _fail(f"dvc.yaml was written for scikit-learn {sklearn_version}, this environment has "
               f"{pipeline.sklearn_version()}: run `shrinkfleet sync` (then prepare-{target} re-runs)")
@@ -112,19 +122,27 @@ def sync(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
 
 
 @app.command()
-def validate(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
+def validate(models: ModelsOpt = None, as_json: JsonOpt = False, params: ParamsOpt = None,
+             root: RootOpt = Path(".")) -> None:
     """Check params.yaml and everything a run needs, without running or writing anything.
 
     Keys, types and ranges; every dataset file, loaded and checked; the output folders; the
     MLflow server in MLFLOW_TRACKING_URI; S3 credentials when remote storage is configured.
+    --models checks what a run of those members needs; --json prints
+    ``{"params", "fleet", "models", "problems"}`` (exit 2 when there are problems). A file that
+    does not parse is reported as usual, on stderr.
     """
     root, params = _paths(root, params)
     fleet = _load(params)
-    problems = preflight(fleet, params, root, fleet.model_names())
+    names = selected(fleet, models)
+    problems = preflight(fleet, params, root, names)
+    if as_json:
+        print_json({"params": str(params), "fleet": fleet.fleet, "models": names, "problems": problems})
+        raise typer.Exit(2 if problems else 0)
     if problems:
         _fail("\n  ".join([f"{params}:", *problems]))
-    console.print(f"{params}: fleet [cyan]{fleet.fleet}[/] is valid: {len(fleet.models)} model(s) "
-                  f"({', '.join(fleet.models)}) on {len(fleet.datasets_in_use())} dataset(s)")
+    console.print(f"{params}: fleet [cyan]{fleet.fleet}[/] is valid: {len(names)} model(s) "
+                  f"({', '.join(names)}) on {len(fleet.datasets_in_use())} dataset(s)")
     from shrinkfleet import pipeline, versioning
 
     if versioning.is_dvc_repo(root) and params == root / "params.yaml" and (behind := pipeline.changes(root, fleet)):
@@ -140,6 +158,7 @@ def report(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Folder for fleet.md, fleet.html and plots/ (default: reports/rebuilt-<time>; "
         "reports itself replaces the last run's report).")] = None,
+    wide: WideOpt = False,
     params: ParamsOpt = None,
     root: RootOpt = Path("."),
 ) -> None:
@@ -154,7 +173,7 @@ def report(
     import datetime as dt
 
     from shrinkfleet import report as rep
-    from shrinkfleet import tracking
+    from shrinkfleet import times, tracking
     from shrinkfleet.workspace import Workspace
 
     root, params = _paths(root, params)
@@ -166,7 +185,10 @@ def report(
     wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
     unknown = sorted(set(wanted or []) - set(fleet.model_names()))
     if unknown:
-        _fail(f"--models: {', '.join(unknown)} not in {params.name} (fleet: {', '.join(fleet.model_names())})")
+        from shrinkfleet.config import did_you_mean
+
+        hints = "".join(did_you_mean(m, fleet.model_names()) for m in unknown)
+        _fail(f"--models: {', '.join(unknown)} not in {params.name}{hints} (fleet: {', '.join(fleet.model_names())})")
     names = wanted or fleet.model_names()
     experiment_id = tracking.setup(root, fleet.fleet)
     docs = rep.docs_from_mlflow(experiment_id, names, cutoff)
@@ -182,11 +204,16 @@ def report(
     latest = max(d["time"] for d in docs.values())
     path = rep.write_report(ws, docs, {}, {
         "fleet": fleet.fleet, "rebuilt from": tracking.tracking_uri(root),
-        "latest run": latest.strftime("%Y-%m-%d %H:%M:%S UTC"), "window": since or "all runs",
+        "latest run": times.shown(latest), "window": since or "all runs",
         "models": ", ".join(docs)}, outcomes={m: {"gate": verdicts[m]} for m in docs}, trends=trends,
         served=served, gates={m: fleet.resolve(m).gate.model_dump() for m in docs},
         moves=rep.moves_from_registry(list(docs)), out=folder)
-    console.print(rep.markdown(rep.formatted(rep.variant_table(docs, verdicts, served))))
+    from shrinkfleet.cli.run import variant_rows
+
+    header, rows = variant_rows(docs, verdicts, {m: rep.served_here(d, served.get(m)) for m, d in docs.items()}, wide)
+    print_table("Fleet variants (from MLflow)", header, rows, left=("gate",), wide=wide, group="model",
+                legend="* on the Pareto front" + ("   ◆ production serves it" if "prod" in header else "")
+                + ("" if wide else "   (--wide: every column)"))
     for m, doc in docs.items():
         console.print(f"{m}: {rep.production_note(doc, served.get(m), verdicts[m])}", highlight=False)
     replaced = folder.resolve() == ws.reports.resolve()
@@ -196,7 +223,8 @@ def report(
 
 @app.command()
 def decode(
-    blob: Annotated[Path, typer.Argument(help="An entropy-coded variant (models/<model>/variants/<name>.sfc).")],
+    blob: Annotated[Path, typer.Argument(
+        metavar="FILE.sfc", help="An entropy-coded variant (models/<model>/variants/<name>.sfc).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the .tflite flatbuffer.")],
 ) -> None:
     """Decode a .sfc blob back to its .tflite flatbuffer (byte-identical to the variant)."""

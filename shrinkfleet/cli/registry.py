@@ -8,13 +8,21 @@ from typing import Annotated, Any
 import typer
 
 from shrinkfleet.cli.common import (
+    JsonOpt,
+    ModelsOpt,
     ParamsOpt,
     RootOpt,
+    WideOpt,
     _fail,
     _load,
     _paths,
     app,
     console,
+    err,
+    fleet_member,
+    print_json,
+    print_table,
+    selected,
 )
 
 
@@ -43,16 +51,26 @@ def _metric(mv: Any, name: str) -> float | None:
     return float(value) if value not in (None, "") else None
 
 
-def _fmt_version_row(mv: Any) -> list[str]:
-    acc, mae, size, ratio = (_metric(mv, m) for m in ("accuracy", "mae", "size_bytes", "compression_ratio"))
-    score = f"{acc * 100:.2f}" if acc is not None else f"MAE {mae:.4g}" if mae is not None else ""
-    return [
-        str(mv.version),
-        mv.tags.get("shrinkfleet.variant", ""),
-        score,
-        f"{size:,.0f}" if size is not None else "",
-        f"{ratio:.1f}x" if ratio is not None else "",
-    ]
+def _score(mv: Any) -> str:
+    acc, mae = _metric(mv, "accuracy"), _metric(mv, "mae")
+    return f"{acc * 100:.2f}" if acc is not None else f"MAE {mae:.4g}" if mae is not None else ""
+
+
+def _version_json(mv: Any) -> dict[str, Any]:
+    """A registry version as plain data: its number, variant, metrics, git sha and times (ISO-8601)."""
+    import datetime as dt
+
+    return {
+        "version": str(mv.version),
+        "variant": mv.tags.get("shrinkfleet.variant", ""),
+        "metrics": {m: _metric(mv, m) for m in ("accuracy", "accuracy_drop", "mae", "error_increase", "size_bytes",
+                                                  "compression_ratio", "latency_ms_p50") if _metric(mv, m) is not None},
+        "recipe": mv.tags.get("shrinkfleet.recipe", ""),
+        "git_sha": mv.tags.get("shrinkfleet.git_sha", ""),
+        "created": dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, dt.UTC).isoformat(),
+        "promoted_at": mv.tags.get("shrinkfleet.promoted_at") or None,
+        "rolled_back_at": mv.tags.get("shrinkfleet.rolled_back_at") or None,
+    }
 
 
 def _registry_call(fn, *args, **kwargs):
@@ -65,75 +83,128 @@ def _registry_call(fn, *args, **kwargs):
         _fail(str(exc), code=1)
 
 
-@app.command()
-def status(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
-    """One line per fleet member: production version, its accuracy, bytes, ratio, when promoted."""
-    from rich.table import Table
+def _served_note(root: Path, fleet: Any, model: str, mv: Any) -> str:
+    """Why production is not the Pareto front's smallest, from the last run's metrics ("" when it is)."""
+    from shrinkfleet import report
+    from shrinkfleet.workspace import Workspace
 
-    from shrinkfleet import registry
+    docs = report.load_metrics(Workspace(root), [model])
+    if model not in docs or model not in fleet.models:
+        return ""
+    return report.served_note(docs[model], mv.tags.get("shrinkfleet.variant"), fleet.resolve(model).gate)
+
+
+@app.command()
+def status(
+    models: ModelsOpt = None,
+    wide: WideOpt = False,
+    as_json: JsonOpt = False,
+    params: ParamsOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """One line per fleet member: the version and variant production serves, its accuracy and bytes.
+
+    With --wide also the ratio, when it was promoted, how many versions exist and the git sha.
+    A line under the table explains a member whose production variant is not its Pareto
+    front's smallest (the gate's objective, or the smallest failing the gate, decided).
+    """
+    from shrinkfleet import registry, times
 
     root, params = _paths(root, params)
     fleet = _load(params)
+    names = selected(fleet, models)
     _registry_setup(root)
-    t = Table(title="Production (alias production)")
-    for col in ("model", "version", "variant", "accuracy % | MAE", "bytes", "ratio", "promoted at", "versions"):
-        t.add_column(col, justify="left" if col in ("model", "variant", "promoted at") else "right")
-    for m in fleet.model_names():
+    rows, data, notes = [], [], []
+    for m in names:
         mv = registry.production(m)
         n = len(registry.versions(m))
         if mv is None:
-            t.add_row(m, "-", "", "", "", "", "never promoted", str(n))
+            data.append({"model": m, "production": None, "versions": n})
+            rows.append([m, "-", "never promoted", "", "", "", "", str(n), ""])
             continue
-        row = _fmt_version_row(mv)
-        t.add_row(m, row[0], row[1], row[2], row[3], row[4], mv.tags.get("shrinkfleet.promoted_at", "")[:19], str(n))
-    console.print(t)
+        data.append({"model": m, "production": _version_json(mv), "versions": n})
+        ratio = _metric(mv, "compression_ratio")
+        size = _metric(mv, "size_bytes")
+        rows.append([m, f"v{mv.version}", mv.tags.get("shrinkfleet.variant", ""), _score(mv),
+                     f"{size:,.0f}" if size is not None else "", f"{ratio:.1f}x" if ratio is not None else "",
+                     times.shown(mv.tags.get("shrinkfleet.promoted_at")), str(n),
+                     mv.tags.get("shrinkfleet.git_sha", "")[:12]])
+        if note := _served_note(root, fleet, m, mv):
+            notes.append(note)
+            data[-1]["note"] = note
+    if as_json:
+        print_json(data)
+        return
+    header = ["model", "prod", "variant", "acc % | MAE", "bytes", "ratio", "promoted", "versions", "git"]
+    keep = len(header) if wide else 5
+    print_table("Production (alias production)", header[:keep], [r[:keep] for r in rows],
+                names=("model", "prod", "variant", "promoted"), left=("prod", "promoted", "git"), wide=wide,
+                legend="" if wide else "(--wide: ratio, promoted, versions, git)")
+    for note in notes:
+        console.print(note, highlight=False)
 
 
 @app.command()
 def history(
-    model: Annotated[str, typer.Argument(help="A fleet member (its registered model).")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A fleet member (its registered model).")],
+    wide: WideOpt = False,
+    as_json: JsonOpt = False,
+    params: ParamsOpt = None,
     root: RootOpt = Path("."),
 ) -> None:
-    """Every registered version of a model and every move of its production alias."""
-    from rich.table import Table
+    """Every registered version of a model and every move of its production alias.
 
-    from shrinkfleet import registry
+    MODEL must be a fleet member, or a model the registry still holds versions of; anything
+    else stops with exit 2 naming the fleet's members. --wide adds the ratio, git sha, who
+    moved production and the run's trigger.
+    """
+    from shrinkfleet import registry, times
 
-    root = root.resolve()
+    root, params = _paths(root, params)
+    fleet = _load(params)
     _registry_setup(root)
     vs = registry.versions(model)
-    if not vs:
-        _fail(f"{model}: no registered versions yet (run `shrinkfleet run` first)", code=1)
+    if model not in fleet.models and not vs:
+        fleet_member(fleet, model, params)
     prod = registry.production(model)
-    t = Table(title=f"{model}: versions")
-    for col in ("version", "variant", "accuracy % | MAE", "bytes", "ratio", "created", "git", "state"):
-        t.add_column(col)
+    events = registry.events(model)
+    if as_json:
+        print_json({"model": model, "production": str(prod.version) if prod else None,
+                    "versions": [_version_json(mv) for mv in vs], "moves": events})
+        return
+    if model not in fleet.models:
+        err.print(f"[yellow]note:[/] {model} is not in {params.name} any more; its registered versions:",
+                  soft_wrap=True)
+    if not vs:
+        console.print(f"{model}: no registered versions yet (run `shrinkfleet run` first)")
+        return
+    rows = []
     for mv in vs:
-        created = _fmt_time(mv.creation_timestamp)
-        state = "production" if prod is not None and str(prod.version) == str(mv.version) else ""
+        state = "◆ prod" if prod is not None and str(prod.version) == str(mv.version) else ""
         if mv.tags.get("shrinkfleet.rolled_back_at"):
             state = (state + " rolled back").strip()
-        t.add_row(*_fmt_version_row(mv), created, mv.tags.get("shrinkfleet.git_sha", "")[:12], state)
-    console.print(t)
-    ev = Table(title=f"{model}: moves of alias production")
-    for col in ("time", "action", "from", "to", "reason", "by", "trigger"):
-        ev.add_column(col)
-    for e in registry.events(model):
-        ev.add_row(e["time"], e["action"], f"v{e['from_version']}" if e["from_version"] else "-",
-                   f"v{e['to_version']}", e["reason"], e["actor"], e["trigger"])
-    console.print(ev)
-
-
-def _fmt_time(ms: int | None) -> str:
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if ms else ""
+        size, ratio = _metric(mv, "size_bytes"), _metric(mv, "compression_ratio")
+        rows.append([f"v{mv.version}", mv.tags.get("shrinkfleet.variant", ""), _score(mv),
+                     f"{size:,.0f}" if size is not None else "", times.shown(mv.creation_timestamp), state,
+                     f"{ratio:.1f}x" if ratio is not None else "", mv.tags.get("shrinkfleet.git_sha", "")[:12]])
+    header = ["version", "variant", "acc % | MAE", "bytes", "created", "state", "ratio", "git"]
+    keep = len(header) if wide else 6
+    print_table(f"{model}: versions", header[:keep], [r[:keep] for r in rows],
+                names=("version", "variant", "created", "state"), left=("created", "state", "git"), wide=wide,
+                legend="◆ production serves it" + ("" if wide else "   (--wide: ratio, git)"))
+    moves = [[times.shown(e["time"]), e["action"], f"v{e['from_version']}" if e["from_version"] else "-",
+              f"v{e['to_version']}", e["reason"], e["actor"], e["trigger"]] for e in events]
+    header = ["time", "action", "from", "to", "reason", "by", "trigger"]
+    keep = len(header) if wide else 5
+    print_table(f"{model}: moves of alias production", header[:keep], [r[:keep] for r in moves],
+                names=("time", "action", "from", "to"), left=("reason", "by", "trigger"), wide=wide,
+                legend="" if wide else "(--wide: who moved production, trigger)")
 
 
 @app.command()
 def promote(
-    model: Annotated[str, typer.Argument(help="A fleet member.")],
-    version: Annotated[str, typer.Argument(help="The version to put in production.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A fleet member.")],
+    version: Annotated[str, typer.Argument(metavar="VERSION", help="The version to put in production.")],
     force: Annotated[bool, typer.Option("--force", help="Promote even if the version fails the gate.")] = False,
     reason: Annotated[str, typer.Option("--reason", help="Why; recorded in the history.")] = "",
     params: ParamsOpt = None,
@@ -170,7 +241,7 @@ def promote(
 
 @app.command()
 def rollback(
-    model: Annotated[str, typer.Argument(help="A fleet member.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A fleet member.")],
     to: Annotated[str | None, typer.Option("--to", help="Version to go back to (default: the previous one).")] = None,
     reason: Annotated[str, typer.Option("--reason", help="Why; recorded in the history.")] = "",
     root: RootOpt = Path("."),
@@ -187,21 +258,28 @@ def rollback(
 
 @app.command()
 def lineage(
-    spec: Annotated[str, typer.Argument(help="model, model@alias or model:version (default @production).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    spec: Annotated[str, typer.Argument(
+        metavar="MODEL[@ALIAS|:VERSION]", help="model, model@alias or model:version (default @production).")],
+    as_json: JsonOpt = False,
+    params: ParamsOpt = None,
     root: RootOpt = Path("."),
 ) -> None:
-    """Where a version came from: dataset -> teacher -> student -> pruned -> variant -> version."""
-    import json
+    """Where a version came from: dataset -> teacher -> student -> pruned -> variant -> version.
 
+    MODEL must be a fleet member or a model the registry holds (else exit 2, naming the fleet's).
+    """
+    from shrinkfleet import registry
     from shrinkfleet.lineage import lineage as build
 
-    root = root.resolve()
+    root, params = _paths(root, params)
+    fleet = _load(params)
     _registry_setup(root)
     model, ref = _split_ref(spec)
+    if model not in fleet.models and not registry.versions(model):
+        fleet_member(fleet, model, params)
     info = _registry_call(build, model, ref)
     if as_json:
-        print(json.dumps(info, indent=2))
+        print_json(info)
         return
     d = info["dataset"]
     console.print(f"[bold]{model} v{info['version']}[/] {' '.join('@' + a for a in info['aliases'])}  "
@@ -221,7 +299,8 @@ def lineage(
 
 @app.command()
 def restore(
-    spec: Annotated[str, typer.Argument(help="model, model@alias or model:version (default @production).")],
+    spec: Annotated[str, typer.Argument(
+        metavar="MODEL[@ALIAS|:VERSION]", help="model, model@alias or model:version (default @production).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to restore into (created).")],
     root: RootOpt = Path("."),
 ) -> None:

@@ -51,6 +51,8 @@ def run(
         typer.Option("--dask-address", help="Scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 "
                      "(implies --engine dask; default: run.dask_address).", show_default=False),
     ] = None,
+    wide: Annotated[bool, typer.Option("--wide", help="The run table with every column, however wide the "
+                                       "terminal.")] = False,
     if_busy: Annotated[
         str, typer.Option("--if-busy", help="Another run holds this project: wait for it, or refuse (exit 3).")
     ] = "wait",
@@ -128,7 +130,7 @@ def run(
         discard_early()
         _fail(str(exc), code=3)
     elapsed = time.perf_counter() - start
-    _print_summary(root, names, summary, elapsed)
+    _print_summary(root, names, summary, elapsed, fleet, wide)
     failed = [m for m, r in summary["models"].items() if r["status"] != "ok"]
     raise typer.Exit(1 if failed else 0)
 
@@ -213,24 +215,57 @@ def _run_with_progress(params: Path, root: Path, names: list[str], force: bool, 
             say(line)
 
 
-def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapsed: float) -> None:
-    from rich.table import Table
+SUMMARY_COLUMNS = ("model", "variant", "accuracy %", "MAE", "coded", "coded ratio", "gate", "prod")
+"""The run table's columns at any width; ``--wide`` adds every other column of the report's table."""
 
+
+def summary_rows(docs: dict[str, Any], summary: dict[str, Any], wide: bool) -> tuple[list[str], list[list[str]]]:
+    """The run table: header and rows, the variant production serves marked in column ``prod``.
+
+    Without ``wide`` only :data:`SUMMARY_COLUMNS` (the gate's verdict shortened to pass/fail);
+    with it every column of :func:`shrinkfleet.report.formatted` and the gate's full verdict.
+    """
+    gates = {m: summary["models"][m].get("gate") or {} for m in docs}
+    served = {m: (summary["models"][m].get("registry") or {}).get("serving") for m in docs}
+    return variant_rows(docs, gates, served, wide)
+
+
+def variant_rows(docs: dict[str, Any], gates: dict[str, dict[str, str]], served: dict[str, str | None],
+                 wide: bool) -> tuple[list[str], list[list[str]]]:
+    """:func:`summary_rows` from its parts: verdicts per model and variant, the served variant per model."""
     from shrinkfleet import report
+
+    table = report.formatted(report.variant_table(docs, gates))
+    table["prod"] = [("◆" if served.get(m) == v.removesuffix(" *") else "")
+                     for m, v in zip(table["model"], table["variant"], strict=True)]
+    if not any(served.values()):
+        table = table.drop(columns="prod")
+    if not wide:
+        if "gate" in table:
+            table["gate"] = table["gate"].map(lambda g: g.split(":", 1)[0])
+        table = table[[c for c in SUMMARY_COLUMNS if c in table.columns]]
+    return list(table.columns), [[str(v) for v in row] for row in table.itertuples(index=False)]
+
+
+def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapsed: float, fleet: Any = None,
+                   wide: bool = False) -> None:
+    from shrinkfleet import report
+    from shrinkfleet.cli.common import print_table
     from shrinkfleet.workspace import Workspace
 
     ws = Workspace(root)
     ok = [m for m in names if summary["models"][m]["status"] == "ok"]
     docs = report.load_metrics(ws, ok)
     if docs:
-        gates = {m: summary["models"][m].get("gate") or {} for m in ok}
-        table = report.formatted(report.variant_table(docs, gates))
-        t = Table(title="Fleet variants", show_lines=False)
-        for col in table.columns:
-            t.add_column(col, justify="left" if col in ("model", "variant") else "right")
-        for row in table.itertuples(index=False):
-            t.add_row(*[str(v) for v in row])
-        console.print(t)
+        header, rows = summary_rows(docs, summary, wide)
+        print_table("Fleet variants", header, rows, left=("gate",), wide=wide, group="model",
+                    legend="* on the Pareto front" + ("   ◆ production serves it" if "prod" in header else "")
+                    + ("" if wide else "   (--wide: every column)"))
+        for m, doc in docs.items():
+            serving = (summary["models"][m].get("registry") or {}).get("serving")
+            note = report.served_note(doc, serving, fleet.resolve(m).gate) if fleet is not None else ""
+            if note:
+                console.print(note, highlight=False)
     for m in names:
         r = summary["models"][m]
         if r["status"] != "ok":

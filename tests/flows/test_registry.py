@@ -78,6 +78,8 @@ def test_01_first_night_registers_and_promotes(nightly):
         assert v1.tags.get(tag), tag
     assert "promoted to v1" in (nightly.root / "reports" / "fleet.md").read_text()
     assert "production v1" in out
+    served = [line for line in out.splitlines() if "◆" in line and "Pareto" not in line]
+    assert len(served) == 1 and v1.tags["shrinkfleet.variant"] in served[0]  # the run table marks what is served
 
 
 def test_02_no_change_creates_no_version(nightly):
@@ -242,4 +244,5 @@ def test_11_a_regressed_variant_is_not_promoted(nightly):
 
 def test_12_status_shows_every_member(nightly):
     out = nightly.run("status")
-    assert MODEL in out and "2" in out
+    row = next(line for line in out.splitlines() if MODEL in line)
+    assert f"v{nightly.production()}" in row
