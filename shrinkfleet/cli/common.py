@@ -9,12 +9,36 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand
 
 from shrinkfleet import no_telemetry
 
 no_telemetry()  # before any command imports MLflow or Prefect
 
-app = typer.Typer(
+class PlainUsageCommand(TyperCommand):
+    """A command whose usage line names its arguments as click does: ``MODEL VERSION``, ``[FILE]``.
+
+    (Typer's own usage line wraps every required argument in braces, ``{MODEL} {VERSION}``.)
+    """
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or (param.name or "").upper()
+                name += "..." if param.nargs != 1 else ""
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class _App(typer.Typer):
+    """``typer.Typer`` whose commands default to :class:`PlainUsageCommand`."""
+
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or PlainUsageCommand, **kwargs)
+
+
+app = _App(
     name="shrinkfleet",
     help="Compress a whole fleet of models every night: distil, prune, cluster, quantize, entropy-code, evaluate, "
     "track, register.",
