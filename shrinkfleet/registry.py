@@ -105,6 +105,37 @@ def versions(model: str) -> list[Any]:
     return sorted(found, key=lambda v: int(str(v.version)))
 
 
+def settings_changed(vs: list[Any]) -> dict[str, dict[str, tuple[Any, Any]] | str]:
+    """What each version's settings changed since the version before it, by version.
+
+    A version's settings are the parameters its model run logged in MLflow (every resolved
+    setting, ``section.key``; its ``shrinkfleet.run.model`` tag names the run). The value is a
+    ``{key: (before, now)}`` dict (empty: same settings), ``"first"`` for the oldest version, or
+    ``"unknown"`` when either run's parameters cannot be read (a deleted run).
+    """
+    params: dict[str, dict[str, str] | None] = {}
+    client = _client()
+    for mv in vs:
+        run_id = mv.tags.get(f"{T}.run.model")
+        try:
+            params[str(mv.version)] = client.get_run(run_id).data.params if run_id else None
+        except MlflowException:
+            params[str(mv.version)] = None
+    out: dict[str, dict[str, tuple[Any, Any]] | str] = {}
+    before: dict[str, str] | None = None
+    for n, mv in enumerate(vs):
+        now = params[str(mv.version)]
+        if n == 0:
+            out[str(mv.version)] = "first"
+        elif now is None or before is None:
+            out[str(mv.version)] = "unknown"
+        else:
+            out[str(mv.version)] = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
+                                    if before.get(k) != now.get(k)}
+        before = now
+    return out
+
+
 def production(model: str) -> Any | None:
     """The version alias ``production`` points to, or None."""
     try:

@@ -340,11 +340,18 @@ def _registered(root: Path, model: str) -> None:
         mlflow.set_tracking_uri(tracking.tracking_uri(root))
         client = MlflowClient()
         client.create_registered_model(model)
-        for variant, acc in ((LONG_VARIANT, 0.91), ("pruned-float32", 0.93)):
+        exp = client.create_experiment("runs")
+        for variant, acc, git, epochs in ((LONG_VARIANT, 0.91, "0123456789abcdef", "2"),
+                                          ("pruned-float32", 0.93, "fedcba9876543210+dirty", "3")):
+            run = client.create_run(exp)  # (the model run: its parameters are the version's settings)
+            for key, value in (("teacher.epochs", epochs), ("prune.target_sparsity", "0.5")):
+                client.log_param(run.info.run_id, key, value)
             client.create_model_version(model, source=str(root / "m"), tags={
                 "shrinkfleet.variant": variant, "shrinkfleet.metric.accuracy": str(acc),
                 "shrinkfleet.metric.size_bytes": "2500", "shrinkfleet.metric.compression_ratio": "4.8",
-                "shrinkfleet.git_sha": "0123456789abcdef", "shrinkfleet.promoted_at": "2026-12-01T22:05:41+00:00"})
+                "shrinkfleet.metric.coded_bytes": "1234", "shrinkfleet.metric.sparsity": "0.7",
+                "shrinkfleet.run.model": run.info.run_id,
+                "shrinkfleet.git_sha": git, "shrinkfleet.promoted_at": "2026-12-01T22:05:41+00:00"})
         client.set_registered_model_alias(model, "production", "1")
         mlflow.set_tracking_uri("")
 
@@ -367,13 +374,25 @@ def test_status_and_history_at_80_columns(tmp_path, tiny_params):
     assert "versions" not in head and "2026-12-01 22:05 UTC" not in status.stdout
     assert max(len(line.rstrip()) for line in status.stdout.splitlines()) <= 80
     wide = shrinkfleet_cmd("status", "--wide", cwd=root, env=env)
-    assert "versions" in wide.stdout and "2026-12-01 22:05 UTC" in wide.stdout and "0123456789ab" in wide.stdout
+    assert "versions" in wide.stdout and "2026-12-01 22:05 UTC" in wide.stdout and "01234567" in wide.stdout
+    assert "1,234" in row  # (coded bytes)
+    assert "70%" in next(line for line in wide.stdout.splitlines() if line.strip().startswith(LONG))  # (sparsity)
     history = shrinkfleet_cmd("history", LONG, cwd=root, env=env)
     assert history.returncode == 0, history.stderr
     rows = [line for line in history.stdout.splitlines() if line.strip()[:2] in ("v1", "v2")]
     assert LONG_VARIANT in rows[0] and "◆ prod" in rows[0] and "pruned-float32" in rows[1]
+    assert "1,234" in rows[0] and "70%" in rows[0]
+    # What differs between the versions: the git state (v2 was made from a dirty tree) and the settings.
+    text = " ".join(history.stdout.split())
+    assert ("v2 (vs v1): git fedcba98 dirty (was 01234567); settings: teacher.epochs '2' -> '3'" in text), text
+    assert "prune.target_sparsity" not in text
+    assert max(len(line.rstrip()) for line in history.stdout.splitlines()) <= 80
+    wide_history = " ".join(shrinkfleet_cmd("history", LONG, "--wide", cwd=root, env=env).stdout.split())
+    assert "teacher.epochs '2' -> '3'" in wide_history and "fedcba98 dirty" in wide_history
     data = json.loads(shrinkfleet_cmd("status", "--json", cwd=root).stdout)
     assert data == [{"model": LONG, "versions": 2, "production": data[0]["production"]}]
     assert data[0]["production"]["variant"] == LONG_VARIANT and data[0]["production"]["version"] == "1"
     moves = json.loads(shrinkfleet_cmd("history", LONG, "--json", cwd=root).stdout)
     assert [v["variant"] for v in moves["versions"]] == [LONG_VARIANT, "pruned-float32"] and moves["production"] == "1"
+    assert [v["git_dirty"] for v in moves["versions"]] == [False, True]
+    assert moves["versions"][1]["settings_changed"] == {"teacher.epochs": {"before": "2", "now": "3"}}

@@ -51,6 +51,31 @@ def _metric(mv: Any, name: str) -> float | None:
     return float(value) if value not in (None, "") else None
 
 
+def _git_shown(sha: str) -> str:
+    """A version's commit as people read it: ``1a2b3c4d dirty`` (uncommitted changes), ``-`` if unknown."""
+    if not sha or sha == "unknown":
+        return "-"
+    return sha.removesuffix("+dirty")[:8] + (" dirty" if sha.endswith("+dirty") else "")
+
+
+def _changes_shown(changed: dict[str, tuple[Any, Any]] | str) -> str:
+    """The settings that changed since the version before, with their values (``teacher.epochs '2' -> '3'``)."""
+    if changed == "unknown":
+        return "? (its model run is gone)"
+    if changed == "first":
+        return "(first version)"
+    if not changed:
+        return "none"
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+
+
+def _changes_json(changed: dict[str, tuple[Any, Any]] | str) -> Any:
+    """:func:`shrinkfleet.registry.settings_changed`'s entry as JSON: ``{key: {"before", "now"}}`` or the word."""
+    if isinstance(changed, str):
+        return changed
+    return {k: {"before": old, "now": new} for k, (old, new) in changed.items()}
+
+
 def _score(mv: Any) -> str:
     acc, mae = _metric(mv, "accuracy"), _metric(mv, "mae")
     return f"{acc * 100:.2f}" if acc is not None else f"MAE {mae:.4g}" if mae is not None else ""
@@ -64,9 +89,11 @@ def _version_json(mv: Any) -> dict[str, Any]:
         "version": str(mv.version),
         "variant": mv.tags.get("shrinkfleet.variant", ""),
         "metrics": {m: _metric(mv, m) for m in ("accuracy", "accuracy_drop", "mae", "error_increase", "size_bytes",
-                                                  "compression_ratio", "latency_ms_p50") if _metric(mv, m) is not None},
+                                                  "compression_ratio", "coded_bytes", "coded_ratio", "sparsity",
+                                                  "latency_ms_p50") if _metric(mv, m) is not None},
         "recipe": mv.tags.get("shrinkfleet.recipe", ""),
-        "git_sha": mv.tags.get("shrinkfleet.git_sha", ""),
+        "git_sha": mv.tags.get("shrinkfleet.git_sha", "").removesuffix("+dirty"),
+        "git_dirty": mv.tags.get("shrinkfleet.git_sha", "").endswith("+dirty"),
         "created": dt.datetime.fromtimestamp(mv.creation_timestamp / 1000, dt.UTC).isoformat(),
         "promoted_at": mv.tags.get("shrinkfleet.promoted_at") or None,
         "rolled_back_at": mv.tags.get("shrinkfleet.rolled_back_at") or None,
@@ -120,26 +147,29 @@ def status(
         n = len(registry.versions(m))
         if mv is None:
             data.append({"model": m, "production": None, "versions": n})
-            rows.append([m, "-", "never promoted", "", "", "", "", str(n), ""])
+            rows.append([m, "-", "never promoted", "", "", "", "", "", "", str(n)])
             continue
         data.append({"model": m, "production": _version_json(mv), "versions": n})
-        ratio = _metric(mv, "compression_ratio")
+        coded, sparsity = _metric(mv, "coded_bytes"), _metric(mv, "sparsity")
+        ratio = _metric(mv, "coded_ratio")
         size = _metric(mv, "size_bytes")
         rows.append([m, f"v{mv.version}", mv.tags.get("shrinkfleet.variant", ""), _score(mv),
+                     f"{coded:,.0f}" if coded is not None else "", f"{sparsity:.0%}" if sparsity is not None else "",
                      f"{size:,.0f}" if size is not None else "", f"{ratio:.1f}x" if ratio is not None else "",
                      times.shown(mv.tags.get("shrinkfleet.promoted_at")), str(n),
-                     mv.tags.get("shrinkfleet.git_sha", "")[:12]])
+                     _git_shown(mv.tags.get("shrinkfleet.git_sha", ""))])
         if note := _served_note(root, fleet, m, mv):
             notes.append(note)
             data[-1]["note"] = note
     if as_json:
         print_json(data)
         return
-    header = ["model", "prod", "variant", "acc % | MAE", "bytes", "ratio", "promoted", "versions", "git"]
+    header = ["model", "prod", "variant", "acc % | MAE", "coded", "sparsity", "bytes", "coded ratio", "promoted",
+              "versions", "git"]
     keep = len(header) if wide else 5
     print_table("Production (alias production)", header[:keep], [r[:keep] for r in rows],
                 names=("model", "prod", "variant", "promoted"), left=("prod", "promoted", "git"), wide=wide,
-                legend="" if wide else "(--wide: ratio, promoted, versions, git)")
+                legend="" if wide else "(--wide: sparsity, bytes, coded ratio, promoted, versions, git)")
     for note in notes:
         console.print(note, highlight=False)
 
@@ -169,8 +199,10 @@ def history(
     prod = registry.production(model)
     events = registry.events(model)
     if as_json:
+        changes = registry.settings_changed(vs)
         print_json({"model": model, "production": str(prod.version) if prod else None,
-                    "versions": [_version_json(mv) for mv in vs], "moves": events})
+                    "versions": [{**_version_json(mv), "settings_changed": _changes_json(changes[str(mv.version)])}
+                                 for mv in vs], "moves": events})
         return
     if model not in fleet.models:
         err.print(f"[yellow]note:[/] {model} is not in {params.name} any more; its registered versions:",
@@ -178,20 +210,36 @@ def history(
     if not vs:
         console.print(f"{model}: no registered versions yet (run `shrinkfleet run` first)")
         return
-    rows = []
-    for mv in vs:
+    rows, lines = [], []
+    changes = registry.settings_changed(vs)
+    for n, mv in enumerate(vs):
         state = "◆ prod" if prod is not None and str(prod.version) == str(mv.version) else ""
         if mv.tags.get("shrinkfleet.rolled_back_at"):
             state = (state + " rolled back").strip()
-        size, ratio = _metric(mv, "size_bytes"), _metric(mv, "compression_ratio")
+        coded, sparsity = _metric(mv, "coded_bytes"), _metric(mv, "sparsity")
+        size, ratio = _metric(mv, "size_bytes"), _metric(mv, "coded_ratio")
+        git = _git_shown(mv.tags.get("shrinkfleet.git_sha", ""))
+        changed = changes[str(mv.version)]
         rows.append([f"v{mv.version}", mv.tags.get("shrinkfleet.variant", ""), _score(mv),
-                     f"{size:,.0f}" if size is not None else "", times.shown(mv.creation_timestamp), state,
-                     f"{ratio:.1f}x" if ratio is not None else "", mv.tags.get("shrinkfleet.git_sha", "")[:12]])
-    header = ["version", "variant", "acc % | MAE", "bytes", "created", "state", "ratio", "git"]
+                     f"{coded:,.0f}" if coded is not None else "", f"{sparsity:.0%}" if sparsity is not None else "",
+                     state, git, times.shown(mv.creation_timestamp), _changes_shown(changed),
+                     f"{size:,.0f}" if size is not None else "", f"{ratio:.1f}x" if ratio is not None else ""])
+        if n:
+            before = _git_shown(vs[n - 1].tags.get("shrinkfleet.git_sha", ""))
+            code = f"git {git}" + (f" (was {before})" if before != git else " (same)")
+            lines.append(f"v{mv.version} (vs v{vs[n - 1].version}): {code}; settings: {_changes_shown(changed)}")
+    header = ["version", "variant", "acc % | MAE", "coded", "sparsity", "state", "git", "created", "settings changed",
+              "bytes", "coded ratio"]
     keep = len(header) if wide else 6
     print_table(f"{model}: versions", header[:keep], [r[:keep] for r in rows],
-                names=("version", "variant", "created", "state"), left=("created", "state", "git"), wide=wide,
-                legend="◆ production serves it" + ("" if wide else "   (--wide: ratio, git)"))
+                names=("version", "variant", "state", "git", "created"),
+                left=("state", "git", "created", "settings changed"), wide=wide,
+                legend="◆ production serves it" + ("" if wide else "   (--wide: git, created, settings, bytes)"))
+    if lines and not wide:
+        console.print("What changed from one version to the next (git commit; settings of its model run):",
+                      highlight=False)
+        for line in lines:
+            console.print(f"  {line}", highlight=False)
     moves = [[times.shown(e["time"]), e["action"], f"v{e['from_version']}" if e["from_version"] else "-",
               f"v{e['to_version']}", e["reason"], e["actor"], e["trigger"]] for e in events]
     header = ["time", "action", "from", "to", "reason", "by", "trigger"]

@@ -124,7 +124,8 @@ def test_04b_report_rebuilds_from_mlflow_with_trends(nightly):
         row = next(line for line in text.splitlines() if "(production)" in line and line.startswith(f"| {MODEL}"))
         assert "pass" in row
         assert f"- **{MODEL}**: " in text and "production v2 serves" in text
-    assert "(production)" in out and "production v2 serves" in out and "rebuilt-" in out
+    served_row = next(line for line in out.splitlines() if "◆" in line and "production serves" not in line)
+    assert "pass" in served_row and "production v2 serves" in out and "rebuilt-" in out
     for stale in (nightly.root / "reports").rglob("*.*"):
         stale.unlink()
     out = nightly.run("report", "--since", "1d", "--model", MODEL, "--out", "reports")
