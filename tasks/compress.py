@@ -1,7 +1,7 @@
 """compress: run every recipe of a model (and the optional search), write each variant.
 
 A recipe starts from the teacher, the student or the pruned student and applies techniques
-in order (``prune``, ``cluster``, ``qat``/``pqat``/``cqat``/``pcqat``), ending in one TFLite
+in order (``channels``, ``prune``, ``cluster``, ``qat``/``pqat``/``cqat``/``pcqat``), ending in one TFLite
 conversion (``float32``, ``float16``, ``dynamic``, ``int8``). Every variant is written as
 ``models/<model>/variants/<name>.tflite`` plus its entropy-coded ``<name>.sfc`` (see
 :mod:`shrinkfleet.coding`), and ``manifest.json`` says how each one was made and which layers
@@ -20,18 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from shrinkfleet import coding, training, zoo
+from shrinkfleet import coding, sensitivity, training, zoo
 from shrinkfleet.config import ClusterConfig, PruneConfig, ResolvedModel
 from shrinkfleet.datasets import Prepared, load_prepared
 from shrinkfleet.evaluation import TFLiteModel, accuracy_of, to_tflite
 from shrinkfleet.storage import atomic_dir
-from shrinkfleet.techniques import NotApplicable, cluster, quantization_aware, skipped_layers
+from shrinkfleet.techniques import NotApplicable, channel_prune, cluster, quantization_aware, skipped_layers
 from shrinkfleet.tfenv import configure_devices, keras, reset
 from tasks.common import StageContext
 from tasks.prune import prune
 
 # The technique registry: a recipe step's name -> fn(model, resolved config, data, seed) -> model.
 STEPS: dict[str, Callable[[keras.Model, Any, Prepared, int], keras.Model]] = {
+    "channels": lambda m, c, d, seed: channel_prune(m, c, d, seed)[0],
     "prune": prune,
     "cluster": cluster,
     **{scheme: (lambda s: lambda m, c, d, seed: quantization_aware(m, s, c, d, seed))(scheme)
@@ -57,6 +58,7 @@ class Variant:
     settings: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] | None = None
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # step -> {layer: why it was left as it is}
+    files: dict[str, bytes] = field(default_factory=dict)  # more files beside the variant (sensitivity tables)
 
 
 def _label(name: str, cfg: Any) -> str:
@@ -64,6 +66,10 @@ def _label(name: str, cfg: Any) -> str:
         return "prune(2:4)" if cfg.pattern == "2:4" else f"prune({cfg.target_sparsity:g})"
     if name == "cluster":
         return f"cluster({cfg.clusters})"
+    if name == "channels":
+        keep = f"macs {cfg.target_macs:g}" if cfg.target_macs is not None else (
+            "auto" if cfg.keep == "auto" else f"{cfg.keep:g}")
+        return f"channels({keep})"
     return name
 
 
@@ -79,6 +85,7 @@ def run_recipe(recipe: str, cfg: ResolvedModel, bases: dict[str, keras.Model], d
     labels, settings = [], {}
     names = spec.step_names()
     skipped: dict[str, dict[str, str]] = {}
+    files: dict[str, bytes] = {}
     for i in range(len(names) - 1):
         step_name, step_cfg = cfg.step_config(recipe, i)
         extra = ({"clusters": step_cfg.clusters, "preserve_sparsity": step_cfg.preserve_sparsity}
@@ -86,16 +93,25 @@ def run_recipe(recipe: str, cfg: ResolvedModel, bases: dict[str, keras.Model], d
         left = skipped_layers(model, step_name, **extra)
         if left:
             skipped[f"{i}.{step_name}"] = left
-        model = STEPS[step_name](model, step_cfg, data, cfg.seed)
-        labels.append(_label(step_name, step_cfg))
         settings[f"{i}.{step_name}"] = step_cfg.model_dump()
+        if step_name == "channels":
+            model, info = channel_prune(model, step_cfg, data, cfg.seed)
+            rows = info.pop("sensitivity", None)
+            if rows:
+                files.update(sensitivity.files(rows, f"{recipe}-sensitivity",
+                                               f"{cfg.name} {recipe}: channel-pruning sensitivity"))
+            settings[f"{i}.{step_name}"].update(info)
+        else:
+            model = STEPS[step_name](model, step_cfg, data, cfg.seed)
+        labels.append(_label(step_name, step_cfg))
     conversion = names[-1]
     rep = representative_samples(data, cfg.quantize.representative_samples, cfg.seed) if conversion == "int8" else None
     try:
         content = to_tflite(model, conversion, rep)
     except Exception as exc:  # (the converter's many error types: the recipe's verdict, the others go on)
         raise NotApplicable(f"{conversion} conversion failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
-    return Variant(content, encode_best(content), spec.start, [*labels, conversion], settings, skipped=skipped)
+    return Variant(content, encode_best(content), spec.start, [*labels, conversion], settings, skipped=skipped,
+                   files=files)
 
 
 def search_order(cfg: ResolvedModel) -> list[tuple[float, int, str]]:
@@ -173,8 +189,11 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
         for name, v in variants.items():
             (tmp / f"{name}.tflite").write_bytes(v.content)
             (tmp / f"{name}.sfc").write_bytes(v.coded)
+            for extra, content in v.files.items():
+                (tmp / extra).write_bytes(content)
             manifest[name] = {"file": f"{name}.tflite", "coded": f"{name}.sfc", "parent": v.parent,
-                              "steps": v.steps, "settings": v.settings, "search": v.search, "skipped": v.skipped}
+                              "steps": v.steps, "settings": v.settings, "search": v.search, "skipped": v.skipped,
+                              **({"files": sorted(v.files)} if v.files else {})}
         for name, why in not_applicable.items():
             manifest[name] = {"not_applicable": why}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

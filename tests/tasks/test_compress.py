@@ -125,3 +125,54 @@ def test_search_respects_the_budget_and_the_bound(teacher, student, digits):
     trials = search(tighter, teacher, student, digits)
     assert len(trials) >= 2 and not next(iter(trials.values())).search["within_bound"]
     _check_search(trials, bound, 3, teacher_val, digits)
+
+
+CHANNEL_RECIPES = {"ch-int8": {"from": "student", "steps": [{"channels": {"keep": 0.5}}, "int8"]},
+                   "ch-clustered": {"from": "student", "steps": ["channels", "cluster", "float32"]},
+                   "student-int8": {"from": "student", "steps": ["int8"]},
+                   "student-clustered": {"from": "student", "steps": ["cluster", "float32"]}}
+
+
+def test_channels_recipes_give_smaller_working_variants_and_list_full_width_layers(teacher, student, pruned,
+                                                                                    digits):
+    """["channels", "int8"] and ["channels", "cluster", "float32"]: the channel-pruned model goes on
+    through clustering and int8 like any model, and each variant is smaller than the same recipe without it."""
+    from shrinkfleet.macs import count_macs
+    from tasks.compress import compress
+
+    cfg = _resolved(recipes=CHANNEL_RECIPES, channels={"epochs": 1}, cluster={"clusters": 8, "epochs": 1})
+    variants, not_applicable = compress(cfg, {"teacher": teacher, "student": student, "pruned": pruned}, digits)
+    assert not_applicable == {}
+    for chan, plain in (("ch-int8", "student-int8"), ("ch-clustered", "student-clustered")):
+        v = variants[chan]
+        assert len(v.content) < len(variants[plain].content)
+        assert v.steps[0] == "channels(0.5)"
+        info = v.settings["0.channels"]
+        assert info["macs_before"] == count_macs(student) and info["macs_after"] < info["macs_before"]
+        assert info["kept"] == {"dense_0": [16, 32]}
+        # The output layer cannot lose units: listed, with why, in the variant's metadata.
+        assert set(info["full_width"]) == {"logits"} and set(v.skipped["0.channels"]) == {"logits"}
+        tfl = TFLiteModel(v.content)
+        assert tfl.predict(digits.test.x[:5]).shape == (5, 10)
+        assert accuracy_of(tfl.predict, digits.test.x, digits.test.y) > 0.6
+
+
+def test_channels_keep_auto_and_target_macs(student, digits):
+    from shrinkfleet.config import ChannelsConfig
+    from shrinkfleet.macs import count_macs
+    from shrinkfleet.techniques import channel_prune
+
+    model, info = channel_prune(student, ChannelsConfig(target_macs=0.6, epochs=0), digits, seed=0)
+    assert count_macs(model) <= 0.6 * count_macs(student) and info["macs_after"] == count_macs(model)
+    model, info = channel_prune(student, ChannelsConfig(keep="auto", auto_max_drop=0.02, epochs=0), digits, seed=0)
+    assert len(info["sensitivity"]) == 3 and info["auto_val_drop_before_fine_tuning"] <= 0.02
+    assert set(info["keep"]) == {"dense_0"}
+
+
+def test_channels_target_macs_out_of_reach_is_a_verdict(student, digits):
+    from shrinkfleet.config import ChannelsConfig
+    from shrinkfleet.techniques import NotApplicable, channel_prune
+
+    # The logits layer stays whole: a 1-unit hidden layer still leaves 1 x 10 of its MACs and 64 x 1 of dense_0's.
+    with pytest.raises(NotApplicable, match="target_macs 0.01 is out of reach"):
+        channel_prune(student, ChannelsConfig(target_macs=0.01, epochs=0), digits, seed=0)
