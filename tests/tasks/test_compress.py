@@ -176,3 +176,52 @@ def test_channels_target_macs_out_of_reach_is_a_verdict(student, digits):
     # The logits layer stays whole: a 1-unit hidden layer still leaves 1 x 10 of its MACs and 64 x 1 of dense_0's.
     with pytest.raises(NotApplicable, match="target_macs 0.01 is out of reach"):
         channel_prune(student, ChannelsConfig(target_macs=0.01, epochs=0), digits, seed=0)
+
+
+def test_auto_pruning_and_channels_recipes_through_the_prune_and_compress_stages(teacher, student, tmp_path):
+    """As ``shrinkfleet stage prune|compress`` run them: the prune stage writes its sensitivity table and
+    plot and prunes to the chosen levels; the compress stage writes the channels variants, their
+    sensitivity files and the layers kept at full width in the manifest."""
+    import copy
+    import json
+
+    import yaml
+
+    from shrinkfleet import zoo
+    from tasks import compress as compress_stage
+    from tasks import prepare
+    from tasks import prune as prune_stage
+    from tasks.common import context
+
+    params = copy.deepcopy(TINY_PARAMS)
+    params["models"] = {"digits-mlp": params["models"]["digits-mlp"]}
+    params["prune"]["layer_sparsity"] = "auto"
+    params["channels"] = {"epochs": 1}
+    params["recipes"] = {"ch-int8": {"from": "student", "steps": ["channels", "int8"]},
+                         "ch-auto-clustered": {"steps": [{"channels": {"keep": "auto"}}, "cluster", "float32"]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ctx = context(tmp_path)
+    prepare.run(ctx, "digits")
+    zoo.save(teacher, ctx.ws.keras("digits-mlp", "teacher"))
+    zoo.save(student, ctx.ws.keras("digits-mlp", "student"))
+
+    result = prune_stage.run(ctx, "digits-mlp")
+    table = tmp_path / "metrics" / "digits-mlp-prune-sensitivity.csv"
+    assert sorted(result["sensitivity_files"]) == [f"metrics/digits-mlp-prune-sensitivity.{e}"
+                                                   for e in ("csv", "json", "png")]
+    assert len(table.read_text().splitlines()) == 1 + 2 * 5  # header + 2 layers x 5 default levels
+    assert result["auto_val_drop_before_fine_tuning"] <= 0.01
+    pruned = zoo.load(ctx.ws.keras("digits-mlp", "pruned"))
+    zeros = {layer.name: np.mean(layer.kernel.numpy() == 0) for layer in pruned.layers if hasattr(layer, "kernel")}
+    assert zeros == pytest.approx(result["layer_sparsity"], abs=0.02)
+
+    out = compress_stage.run(ctx, "digits-mlp")
+    assert out["not_applicable"] == {}
+    vdir = ctx.ws.variants_dir("digits-mlp")
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    assert manifest["ch-int8"]["skipped"]["0.channels"] == {"logits": "an output of the model (outputs are never "
+                                                                      "pruned)"}
+    assert manifest["ch-int8"]["settings"]["0.channels"]["kept"] == {"dense_0": [16, 32]}
+    files = manifest["ch-auto-clustered"]["files"]
+    assert sorted(files) == [f"ch-auto-clustered-sensitivity.{e}" for e in ("csv", "json", "png")]
+    assert all((vdir / f).is_file() for f in files)
