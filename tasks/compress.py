@@ -28,7 +28,7 @@ from shrinkfleet.storage import atomic_dir
 from shrinkfleet.techniques import NotApplicable, channel_prune, cluster, quantization_aware, skipped_layers
 from shrinkfleet.tfenv import configure_devices, keras, reset
 from tasks.common import StageContext
-from tasks.prune import prune
+from tasks.prune import prune, resolve_auto
 
 # The technique registry: a recipe step's name -> fn(model, resolved config, data, seed) -> model.
 STEPS: dict[str, Callable[[keras.Model, Any, Prepared, int], keras.Model]] = {
@@ -63,7 +63,9 @@ class Variant:
 
 def _label(name: str, cfg: Any) -> str:
     if name == "prune":
-        return "prune(2:4)" if cfg.pattern == "2:4" else f"prune({cfg.target_sparsity:g})"
+        if cfg.pattern == "2:4":
+            return "prune(2:4)"
+        return "prune(auto)" if cfg.layer_sparsity == "auto" else f"prune({cfg.target_sparsity:g})"
     if name == "cluster":
         return f"cluster({cfg.clusters})"
     if name == "channels":
@@ -94,16 +96,24 @@ def run_recipe(recipe: str, cfg: ResolvedModel, bases: dict[str, keras.Model], d
         if left:
             skipped[f"{i}.{step_name}"] = left
         settings[f"{i}.{step_name}"] = step_cfg.model_dump()
+        label = _label(step_name, step_cfg)  # as written: "auto" before it is resolved
         if step_name == "channels":
             model, info = channel_prune(model, step_cfg, data, cfg.seed)
             rows = info.pop("sensitivity", None)
             if rows:
-                files.update(sensitivity.files(rows, f"{recipe}-sensitivity",
+                files.update(sensitivity.files(rows, f"{recipe}-channels-sensitivity",
                                                f"{cfg.name} {recipe}: channel-pruning sensitivity"))
             settings[f"{i}.{step_name}"].update(info)
         else:
+            if step_name == "prune" and step_cfg.layer_sparsity == "auto":
+                # Resolved here, not inside prune, so the manifest records the levels and the table.
+                step_cfg, rows, drop = resolve_auto(model, step_cfg, data)
+                files.update(sensitivity.files(rows, f"{recipe}-prune-sensitivity",
+                                               f"{cfg.name} {recipe}: magnitude-pruning sensitivity"))
+                settings[f"{i}.{step_name}"].update(layer_sparsity=step_cfg.layer_sparsity,
+                                                    auto_val_drop_before_fine_tuning=drop)
             model = STEPS[step_name](model, step_cfg, data, cfg.seed)
-        labels.append(_label(step_name, step_cfg))
+        labels.append(label)
     conversion = names[-1]
     rep = representative_samples(data, cfg.quantize.representative_samples, cfg.seed) if conversion == "int8" else None
     try:

@@ -198,7 +198,9 @@ def test_auto_pruning_and_channels_recipes_through_the_prune_and_compress_stages
     params["prune"]["layer_sparsity"] = "auto"
     params["channels"] = {"epochs": 1}
     params["recipes"] = {"ch-int8": {"from": "student", "steps": ["channels", "int8"]},
-                         "ch-auto-clustered": {"steps": [{"channels": {"keep": "auto"}}, "cluster", "float32"]}}
+                         "ch-auto-clustered": {"steps": [{"channels": {"keep": "auto"}},
+                                                         {"prune": {"layer_sparsity": "auto"}}, "cluster",
+                                                         "float32"]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ctx = context(tmp_path)
     prepare.run(ctx, "digits")
@@ -222,6 +224,10 @@ def test_auto_pruning_and_channels_recipes_through_the_prune_and_compress_stages
     assert manifest["ch-int8"]["skipped"]["0.channels"] == {"logits": "an output of the model (outputs are never "
                                                                       "pruned)"}
     assert manifest["ch-int8"]["settings"]["0.channels"]["kept"] == {"dense_0": [16, 32]}
-    files = manifest["ch-auto-clustered"]["files"]
-    assert sorted(files) == [f"ch-auto-clustered-sensitivity.{e}" for e in ("csv", "json", "png")]
-    assert all((vdir / f).is_file() for f in files)
+    entry = manifest["ch-auto-clustered"]
+    assert entry["steps"] == ["channels(auto)", "prune(auto)", "cluster(8)", "float32"]
+    assert sorted(entry["files"]) == sorted(f"ch-auto-clustered-{m}-sensitivity.{e}" for m in ("channels", "prune")
+                                            for e in ("csv", "json", "png"))
+    assert all((vdir / f).is_file() for f in entry["files"])
+    levels = entry["settings"]["1.prune"]["layer_sparsity"]  # resolved on the channel-pruned model
+    assert set(levels) == {"dense_0", "logits"} and all(0 <= v < 1 for v in levels.values())
