@@ -231,3 +231,28 @@ def test_auto_pruning_and_channels_recipes_through_the_prune_and_compress_stages
     assert all((vdir / f).is_file() for f in entry["files"])
     levels = entry["settings"]["1.prune"]["layer_sparsity"]  # resolved on the channel-pruned model
     assert set(levels) == {"dense_0", "logits"} and all(0 <= v < 1 for v in levels.values())
+
+
+def test_channels_step_on_a_residual_cnn_keeps_the_add_whole_and_converts_to_int8(digits):
+    """Conv + BatchNorm + a residual Add: the Add's branches keep their width (listed), the rest is cut,
+    and the smaller model converts to full-integer int8 with the same output shape."""
+    from shrinkfleet.config import ChannelsConfig
+    from shrinkfleet.evaluation import to_tflite
+    from shrinkfleet.macs import count_macs
+    from shrinkfleet.techniques import channel_prune
+    from shrinkfleet.tfenv import keras
+
+    L = keras.layers
+    x = keras.Input(digits.train.x.shape[1:])
+    h = L.ReLU()(L.BatchNormalization(name="bn_a")(L.Conv2D(16, 3, padding="same", name="conv_a")(x)))
+    r = L.Conv2D(16, 3, padding="same", name="conv_r")(h)
+    h = L.Add(name="add")([h, r])
+    h = L.Conv2D(16, 3, padding="same", activation="relu", name="conv_b")(h)
+    h = L.Dense(24, activation="relu", name="dense")(L.Flatten()(L.MaxPooling2D()(h)))
+    model = keras.Model(x, L.Dense(10, name="logits")(h))
+    pruned, info = channel_prune(model, ChannelsConfig(keep=0.5, epochs=1), digits, seed=0)
+    assert set(info["kept"]) == {"conv_b", "dense"}
+    assert {"conv_a", "conv_r", "logits"} <= set(info["full_width"])
+    assert count_macs(pruned) < count_macs(model) and pruned.count_params() < model.count_params()
+    tfl = TFLiteModel(to_tflite(pruned, "int8", digits.train.x[:50]))
+    assert tfl.predict(digits.test.x[:7]).shape == (7, 10)
