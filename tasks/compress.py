@@ -143,8 +143,11 @@ def search(cfg: ResolvedModel, teacher: keras.Model, student: keras.Model, data:
     teacher_val = training.accuracy(teacher, data.val.x, data.val.y)
     trials: dict[str, Variant] = {}
     for i, (sparsity, clusters, conversion) in enumerate(search_order(cfg)[: s.budget]):
+        # The candidate's sparsity is the search's: a prune.layer_sparsity of auto would replace it.
+        per_layer = {} if cfg.prune.layer_sparsity == "auto" else cfg.prune.layer_sparsity
         prune_cfg = PruneConfig.model_validate({**cfg.prune.model_dump(), "target_sparsity": sparsity,
-                                                "initial_sparsity": 0.0, "pattern": "unstructured"})
+                                                "initial_sparsity": 0.0, "pattern": "unstructured",
+                                                "layer_sparsity": per_layer})
         cluster_cfg = ClusterConfig.model_validate({**cfg.cluster.model_dump(), "clusters": clusters})
         model = cluster(prune(student, prune_cfg, data, cfg.seed), cluster_cfg, data, cfg.seed)
         rep = representative_samples(data, cfg.quantize.representative_samples, cfg.seed)

@@ -256,3 +256,14 @@ def test_channels_step_on_a_residual_cnn_keeps_the_add_whole_and_converts_to_int
     assert count_macs(pruned) < count_macs(model) and pruned.count_params() < model.count_params()
     tfl = TFLiteModel(to_tflite(pruned, "int8", digits.train.x[:50]))
     assert tfl.predict(digits.test.x[:7]).shape == (7, 10)
+
+
+def test_search_candidates_keep_their_sparsity_when_prune_layer_sparsity_is_auto(teacher, student, digits):
+    from tasks.compress import search
+
+    cfg = _resolved(prune={**TINY_PARAMS["prune"], "epochs": 1, "layer_sparsity": "auto"}, cluster={"epochs": 1},
+                    search={"enabled": True, "budget": 1, "max_accuracy_drop": 1.0, "sparsities": [0.9],
+                            "clusters": [16], "conversions": ["float32"]})
+    (trial,) = search(cfg, teacher, student, digits).values()
+    assert trial.settings["prune"]["layer_sparsity"] == {}
+    assert tflite_sparsity(TFLiteModel(trial.content)) == pytest.approx(0.9, abs=0.02)
