@@ -782,6 +782,9 @@ class FleetConfig(_Strict):
         if task == "regression" and sections["search"] is not None and sections["search"].enabled:
             errors.append(f"models.{name}.search: the search bounds an accuracy drop; {spec.dataset} is a "
                           "regression dataset (turn search off for this model)")
+        if task == "regression" and sections["prune"] is not None and sections["prune"].layer_sparsity == "auto":
+            errors.append(f"models.{name}.prune.layer_sparsity: auto bounds an accuracy drop; {spec.dataset} is a "
+                          "regression dataset (give per-layer sparsities or none)")
         if spec.student is None:
             from_student = [r for r in chosen if r in self.recipes and self.recipes[r].start == "student"]
             if from_student:

@@ -259,3 +259,11 @@ def test_channels_and_auto_settings_resolve(tiny_params):
     name, cfg = resolved.step_config("ch", 0)
     assert (name, cfg.keep, cfg.norm) == ("channels", "auto", "l1")
     assert resolved.prune.layer_sparsity == "auto"
+
+
+def test_auto_layer_sparsity_is_refused_for_a_regression_model(tiny_params):
+    tiny_params["datasets"]["houses"] = {"source": "csv", "path": "houses.csv", "label": "price", "task": "regression"}
+    tiny_params["models"]["cancer-mlp"]["dataset"] = "houses"
+    tiny_params["models"]["cancer-mlp"]["prune"] = {"layer_sparsity": "auto"}
+    with pytest.raises(ConfigError, match=r"models.cancer-mlp.prune.layer_sparsity: auto bounds an accuracy drop"):
+        parse_params(tiny_params)
