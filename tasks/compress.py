@@ -100,6 +100,7 @@ def run_recipe(recipe: str, cfg: ResolvedModel, bases: dict[str, keras.Model], d
         if step_name == "channels":
             model, info = channel_prune(model, step_cfg, data, cfg.seed)
             rows = info.pop("sensitivity", None)
+            info.pop("full_width")  # already in ``skipped`` (and MLflow params must stay short)
             if rows:
                 files.update(sensitivity.files(rows, f"{recipe}-channels-sensitivity",
                                                f"{cfg.name} {recipe}: channel-pruning sensitivity"))
