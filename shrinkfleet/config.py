@@ -286,6 +286,13 @@ class PruneConfig(_Strict):
         0.75, gt=0, le=1, description="Share of the fine-tuning steps after which the target is reached."
     )
 
+    @field_validator("layer_sparsity", mode="before")
+    @classmethod
+    def _mapping_or_auto(cls, v: Any) -> Any:
+        if not isinstance(v, dict) and v != "auto":
+            raise ValueError(f"must be a mapping of layer name to sparsity, or auto, got {v!r}")
+        return v
+
     @field_validator("initial_sparsity")
     @classmethod
     def _below_target(cls, v: float, info: Any) -> float:  # per-layer targets start at min(initial, target)
@@ -340,10 +347,10 @@ class ChannelsConfig(_Strict):
     batch_size: int = Field(64, ge=1, description="Samples per gradient step.")
     learning_rate: float = Field(5e-4, gt=0, lt=1, description="Adam learning rate.")
 
-    @field_validator("keep")
+    @field_validator("keep", mode="before")
     @classmethod
     def _fraction(cls, v: Any) -> Any:
-        if v != "auto" and not 0 < v <= 1:
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
             raise ValueError(f"must be a fraction in (0, 1] or auto, got {v!r}")
         return v
 

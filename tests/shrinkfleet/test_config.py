@@ -245,6 +245,10 @@ def test_a_model_may_pick_its_recipes(tiny_params):
     ({"channels": {"kep": 0.5}}, "recipes.ch.steps[0].channels.kep"),
     ({"channels": {"keep": 1.5}}, "recipes.ch.steps[0].channels.keep"),
     ({"channels": {"norm": "l3"}}, "recipes.ch.steps[0].channels.norm"),
+    ({"channels": {"keep": "half"}}, "recipes.ch.steps[0].channels.keep: must be a fraction in (0, 1] or auto, "
+                                     "got 'half'"),
+    ({"prune": {"layer_sparsity": "aut"}}, "recipes.ch.steps[0].prune.layer_sparsity: must be a mapping of layer "
+                                          "name to sparsity, or auto, got 'aut'"),
 ])
 def test_a_bad_channels_step_names_recipe_and_key(tiny_params, step, expected):
     tiny_params["recipes"] = {"ch": {"steps": [step, "int8"]}}
