@@ -268,9 +268,18 @@ class PruneConfig(_Strict):
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="Adam learning rate while pruning.")
     frequency: int = Field(10, ge=1, description="Steps between two mask updates.")
     power: float = Field(3.0, gt=0, description="Exponent of the polynomial decay.")
-    layer_sparsity: dict[str, Annotated[float, Field(ge=0, lt=1)]] = Field(
+    layer_sparsity: dict[str, Annotated[float, Field(ge=0, lt=1)]] | Literal["auto"] = Field(
         default_factory=dict,
-        description="Target sparsity of named layers (e.g. {logits: 0.5}); the others take target_sparsity.",
+        description="Target sparsity of named layers (e.g. {logits: 0.5}); the others take target_sparsity. "
+        "auto: per-layer targets from a sensitivity analysis (auto_levels, auto_max_drop; docs/recipes.md).",
+    )
+    auto_levels: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        [0.5, 0.7, 0.8, 0.9, 0.95], min_length=1,
+        description="layer_sparsity auto: the sparsities tried on each layer alone (no fine-tuning).",
+    )
+    auto_max_drop: float = Field(
+        0.01, ge=0, le=1, description="layer_sparsity auto: largest validation accuracy drop (fraction) of the "
+        "un-fine-tuned model with every layer at its chosen level, against the model before pruning.",
     )
     pattern: Literal["unstructured", "2:4"] = Field(
         "unstructured", description="unstructured magnitude pruning, or 2:4 (two zeros in every four weights)."
@@ -278,6 +287,13 @@ class PruneConfig(_Strict):
     end_fraction: float = Field(
         0.75, gt=0, le=1, description="Share of the fine-tuning steps after which the target is reached."
     )
+
+    @field_validator("layer_sparsity", mode="before")
+    @classmethod
+    def _mapping_or_auto(cls, v: Any) -> Any:
+        if not isinstance(v, dict) and v != "auto":
+            raise ValueError(f"must be a mapping of layer name to sparsity, or auto, got {v!r}")
+        return v
 
     @field_validator("initial_sparsity")
     @classmethod
@@ -309,6 +325,38 @@ class ClusterConfig(_Strict):
     learning_rate: float = Field(5e-4, gt=0, lt=1, description="Adam learning rate.")
 
 
+class ChannelsConfig(_Strict):
+    """Channel pruning: remove the lowest-norm Dense units and Conv filters, then fine-tune (a smaller dense model)."""
+
+    keep: float | Literal["auto"] = Field(
+        0.5, description="Fraction of units/filters kept in every prunable layer (0 < keep <= 1), or auto: "
+        "per-layer fractions from a sensitivity analysis (auto_levels, auto_max_drop; docs/recipes.md)."
+    )
+    target_macs: float | None = Field(
+        None, gt=0, le=1, description="If set: the largest uniform keep whose model has at most this fraction "
+        "of the input's MACs (replaces keep)."
+    )
+    norm: Literal["l1", "l2"] = Field("l1", description="Norm of a unit's weights that ranks it (l1 or l2).")
+    auto_levels: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        [0.25, 0.5, 0.75], min_length=1,
+        description="keep auto: the fractions of units removed, tried on each layer alone (no fine-tuning).",
+    )
+    auto_max_drop: float = Field(
+        0.02, ge=0, le=1, description="keep auto: largest validation accuracy drop (fraction) of the "
+        "un-fine-tuned model with every layer at its chosen level, against the input model.",
+    )
+    epochs: int = Field(3, ge=0, le=10_000, description="Fine-tuning epochs after the cut (0 = none).")
+    batch_size: int = Field(64, ge=1, description="Samples per gradient step.")
+    learning_rate: float = Field(5e-4, gt=0, lt=1, description="Adam learning rate.")
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _fraction(cls, v: Any) -> Any:
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+            raise ValueError(f"must be a fraction in (0, 1] or auto, got {v!r}")
+        return v
+
+
 class QatConfig(_Strict):
     """Quantization-aware training (QAT, PQAT, CQAT, PCQAT) before the int8 conversion."""
 
@@ -317,9 +365,10 @@ class QatConfig(_Strict):
     learning_rate: float = Field(1e-4, gt=0, lt=1, description="Adam learning rate.")
 
 
-TRAINING_STEPS = ("prune", "cluster", "qat", "pqat", "cqat", "pcqat")
+TRAINING_STEPS = ("channels", "prune", "cluster", "qat", "pqat", "cqat", "pcqat")
 QAT_STEPS = ("qat", "pqat", "cqat", "pcqat")
-STEP_CONFIGS: dict[str, str] = {"prune": "prune", "cluster": "cluster", **{q: "qat" for q in QAT_STEPS}}
+STEP_CONFIGS: dict[str, str] = {"channels": "channels", "prune": "prune", "cluster": "cluster",
+                                **{q: "qat" for q in QAT_STEPS}}
 
 
 class RecipeSpec(_Strict):
@@ -570,6 +619,7 @@ class ModelSpec(_Strict):
     prune: dict[str, Any] = Field(default_factory=dict, description="Overrides of the prune: section.")
     quantize: dict[str, Any] = Field(default_factory=dict, description="Overrides of the quantize: section.")
     cluster: dict[str, Any] = Field(default_factory=dict, description="Overrides of the cluster: section.")
+    channels: dict[str, Any] = Field(default_factory=dict, description="Overrides of the channels: section.")
     qat: dict[str, Any] = Field(default_factory=dict, description="Overrides of the qat: section.")
     recipes: list[str] | None = Field(None, description="Names of the fleet's recipes to run (null = all).")
     search: dict[str, Any] = Field(default_factory=dict, description="Overrides of the search: section.")
@@ -593,6 +643,7 @@ class ResolvedModel(_Strict):
     prune: PruneConfig
     quantize: QuantizeConfig
     cluster: ClusterConfig
+    channels: ChannelsConfig
     qat: QatConfig
     recipes: dict[str, RecipeSpec]
     search: SearchConfig
@@ -622,7 +673,7 @@ class ResolvedModel(_Strict):
         """Every resolved setting as a flat ``section.key -> value`` dict (for MLflow)."""
         out: dict[str, Any] = {"seed": self.seed, "dataset": self.dataset_name}
         for section in ("dataset", "split", "teacher_arch", "teacher", "student_arch",
-                        "distill", "prune", "quantize", "cluster", "qat", "evaluate"):
+                        "distill", "prune", "quantize", "cluster", "channels", "qat", "evaluate"):
             value = getattr(self, section)
             if value is None:  # no student
                 out[f"{section}.arch"] = None
@@ -664,6 +715,7 @@ class FleetConfig(_Strict):
     prune: PruneConfig = PruneConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     cluster: ClusterConfig = ClusterConfig()
+    channels: ChannelsConfig = ChannelsConfig()
     qat: QatConfig = QatConfig()
     recipes: dict[str, RecipeSpec] = Field(
         default_factory=lambda: {k: RecipeSpec.model_validate(v) for k, v in DEFAULT_RECIPES.items()},
@@ -724,6 +776,7 @@ class FleetConfig(_Strict):
             "prune": merged(PruneConfig, self.prune, spec.prune, "prune"),
             "quantize": merged(QuantizeConfig, self.quantize, spec.quantize, "quantize"),
             "cluster": merged(ClusterConfig, self.cluster, spec.cluster, "cluster"),
+            "channels": merged(ChannelsConfig, self.channels, spec.channels, "channels"),
             "qat": merged(QatConfig, self.qat, spec.qat, "qat"),
             "search": merged(SearchConfig, self.search, spec.search, "search"),
             "gate": merged(GateConfig, self.gate, spec.gate, "gate"),
@@ -739,6 +792,9 @@ class FleetConfig(_Strict):
         if task == "regression" and sections["search"] is not None and sections["search"].enabled:
             errors.append(f"models.{name}.search: the search bounds an accuracy drop; {spec.dataset} is a "
                           "regression dataset (turn search off for this model)")
+        if task == "regression" and sections["prune"] is not None and sections["prune"].layer_sparsity == "auto":
+            errors.append(f"models.{name}.prune.layer_sparsity: auto bounds an accuracy drop; {spec.dataset} is a "
+                          "regression dataset (give per-layer sparsities or none)")
         if spec.student is None:
             from_student = [r for r in chosen if r in self.recipes and self.recipes[r].start == "student"]
             if from_student:

@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from shrinkfleet import training, zoo
-from shrinkfleet.config import ClusterConfig, QatConfig
+from shrinkfleet import sensitivity, training, zoo
+from shrinkfleet.channels import prune_channels
+from shrinkfleet.config import ChannelsConfig, ClusterConfig, QatConfig
 from shrinkfleet.datasets import Prepared
 from shrinkfleet.evaluation import PRUNABLE, prunable_weight
+from shrinkfleet.macs import count_macs
 from shrinkfleet.tfenv import keras, reset, tfmot
 
 
@@ -90,6 +92,72 @@ def cluster(model: keras.Model, cfg: ClusterConfig, data: Prepared, seed: int) -
     wrapped = keras.models.clone_model(base, clone_function=wrap)
     _fit(wrapped, kind, data, cfg.epochs, cfg.batch_size, cfg.learning_rate, seed)
     return positive_zeros(zoo.clone(ck.strip_clustering(wrapped)))
+
+
+def channel_prune(model: keras.Model, cfg: ChannelsConfig, data: Prepared, seed: int
+                  ) -> tuple[keras.Model, dict[str, Any]]:
+    """Channel pruning (the ``channels`` recipe step): remove units/filters, then fine-tune.
+
+    ``cfg.keep`` is one fraction for every prunable layer, or ``auto`` (per-layer fractions
+    from :mod:`shrinkfleet.sensitivity`, method ``channels``); ``cfg.target_macs`` replaces it
+    with the largest uniform keep (bisection, 1/256 resolution) whose model has at most that
+    fraction of the input's MACs. Layers channel pruning cannot follow stay at full width.
+
+    Returns:
+        The fine-tuned smaller model, and what was done: ``keep`` (a fraction or a per-layer
+        dict), ``kept`` (layer -> [kept, total]), ``full_width`` (layer -> why), ``macs_before``,
+        ``macs_after`` and, for ``auto``, the ``sensitivity`` rows.
+
+    Raises:
+        NotApplicable: no layer can be channel-pruned, or ``target_macs`` is out of reach.
+    """
+    reset(seed)
+    base = zoo.clone(model)
+    macs_before = count_macs(base)
+    info: dict[str, Any] = {}
+    if cfg.keep == "auto" and cfg.target_macs is None:
+        if data.task == "regression":
+            raise NotApplicable("channels: keep auto bounds an accuracy drop; this is a regression dataset")
+        try:
+            rows = sensitivity.analyse(base, data.val.x, data.val.y, cfg.auto_levels, "channels")
+        except ValueError as exc:
+            raise NotApplicable(f"channels: {exc}") from None
+        levels, drop = sensitivity.choose(base, data.val.x, data.val.y, rows, cfg.auto_max_drop)
+        keep: float | dict[str, float] = {name: 1 - level for name, level in levels.items()}
+        info.update(sensitivity=rows, auto_val_drop_before_fine_tuning=drop)
+    elif cfg.target_macs is not None:
+        keep = _keep_for_macs(base, cfg, macs_before)
+    else:
+        keep = float(cfg.keep)
+    result = prune_channels(base, keep, cfg.norm)
+    # keep 1.0 (or auto keeping every layer whole) is a valid no-op; a cut that finds no layer is not.
+    wanted = any(v < 1 for v in keep.values()) if isinstance(keep, dict) else keep < 1
+    if wanted and not result.kept:
+        raise NotApplicable("channels: no layer can be channel-pruned (every Dense/Conv layer is kept at full "
+                            "width: " + "; ".join(f"{k}: {v}" for k, v in result.full_width.items()) + ")")
+    pruned = result.model
+    if cfg.epochs:
+        _fit(pruned, zoo.output_kind(base), data, cfg.epochs, cfg.batch_size, cfg.learning_rate, seed)
+    info.update(keep=keep, kept={k: list(v) for k, v in result.summary().items()}, full_width=result.full_width,
+                macs_before=macs_before, macs_after=count_macs(pruned))
+    return pruned, info
+
+
+def _keep_for_macs(model: keras.Model, cfg: ChannelsConfig, macs_before: int) -> float:
+    goal = cfg.target_macs * macs_before
+    macs = lambda keep: count_macs(prune_channels(model, keep, cfg.norm).model)  # noqa: E731
+    if macs(1.0) <= goal:
+        return 1.0
+    lowest = macs(1 / 256)
+    if lowest > goal:
+        raise NotApplicable(f"channels: target_macs {cfg.target_macs:g} is out of reach: the fewest MACs channel "
+                            f"pruning leaves is {lowest / macs_before:.3f} of the model's (layers kept at full width "
+                            f"and unprunable layers); raise channels.target_macs")
+    lo, hi = 1 / 256, 1.0  # macs(lo) <= goal < macs(hi)
+    while hi - lo > 1 / 256:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs(mid) <= goal else (lo, mid)
+    return lo
 
 
 def quantization_aware(model: keras.Model, scheme: str, cfg: QatConfig, data: Prepared, seed: int) -> keras.Model:
@@ -195,7 +263,7 @@ def _leave_float_config() -> Any:
 
 def skipped_layers(model: keras.Model, technique: str, clusters: int = 16, preserve_sparsity: bool = True
                    ) -> dict[str, str]:
-    """Layers holding weights that ``technique`` (prune, cluster, qat, pqat, cqat, pcqat) leaves as they are, and why.
+    """Layers holding weights that ``technique`` (channels, prune, cluster, qat, ...) leaves as they are, and why.
 
     Layers without weights are not listed (nothing to compress), except for the QAT family,
     where a weightless layer TFMOT does not support stays in float in the int8 model.
@@ -223,6 +291,9 @@ def skipped_layers(model: keras.Model, technique: str, clusters: int = 16, prese
             n = int(np.count_nonzero(k)) if preserve_sparsity else k.size
             if n < 2 * clusters:
                 out[layer.name] = f"{cls}: {n} weights, fewer than twice the {clusters} clusters: left as it is"
+    if technique == "channels":
+        # Structural: which layers channel pruning cannot follow (the same at any keep < 1).
+        out.update(prune_channels(model, 0.5).full_width)
     if technique in ("qat", "pqat", "cqat", "pcqat"):
         q = tfmot().quantization.keras
         for name, ok in qat_supported(model, q.default_8bit.Default8BitQuantizeScheme()).items():

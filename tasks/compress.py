@@ -1,7 +1,7 @@
 """compress: run every recipe of a model (and the optional search), write each variant.
 
 A recipe starts from the teacher, the student or the pruned student and applies techniques
-in order (``prune``, ``cluster``, ``qat``/``pqat``/``cqat``/``pcqat``), ending in one TFLite
+in order (``channels``, ``prune``, ``cluster``, ``qat``/``pqat``/``cqat``/``pcqat``), ending in one TFLite
 conversion (``float32``, ``float16``, ``dynamic``, ``int8``). Every variant is written as
 ``models/<model>/variants/<name>.tflite`` plus its entropy-coded ``<name>.sfc`` (see
 :mod:`shrinkfleet.coding`), and ``manifest.json`` says how each one was made and which layers
@@ -20,18 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from shrinkfleet import coding, training, zoo
+from shrinkfleet import coding, sensitivity, training, zoo
 from shrinkfleet.config import ClusterConfig, PruneConfig, ResolvedModel
 from shrinkfleet.datasets import Prepared, load_prepared
 from shrinkfleet.evaluation import TFLiteModel, accuracy_of, to_tflite
 from shrinkfleet.storage import atomic_dir
-from shrinkfleet.techniques import NotApplicable, cluster, quantization_aware, skipped_layers
+from shrinkfleet.techniques import NotApplicable, channel_prune, cluster, quantization_aware, skipped_layers
 from shrinkfleet.tfenv import configure_devices, keras, reset
 from tasks.common import StageContext
-from tasks.prune import prune
+from tasks.prune import prune, resolve_auto
 
 # The technique registry: a recipe step's name -> fn(model, resolved config, data, seed) -> model.
 STEPS: dict[str, Callable[[keras.Model, Any, Prepared, int], keras.Model]] = {
+    "channels": lambda m, c, d, seed: channel_prune(m, c, d, seed)[0],
     "prune": prune,
     "cluster": cluster,
     **{scheme: (lambda s: lambda m, c, d, seed: quantization_aware(m, s, c, d, seed))(scheme)
@@ -57,13 +58,20 @@ class Variant:
     settings: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] | None = None
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # step -> {layer: why it was left as it is}
+    files: dict[str, bytes] = field(default_factory=dict)  # more files beside the variant (sensitivity tables)
 
 
 def _label(name: str, cfg: Any) -> str:
     if name == "prune":
-        return "prune(2:4)" if cfg.pattern == "2:4" else f"prune({cfg.target_sparsity:g})"
+        if cfg.pattern == "2:4":
+            return "prune(2:4)"
+        return "prune(auto)" if cfg.layer_sparsity == "auto" else f"prune({cfg.target_sparsity:g})"
     if name == "cluster":
         return f"cluster({cfg.clusters})"
+    if name == "channels":
+        keep = f"macs {cfg.target_macs:g}" if cfg.target_macs is not None else (
+            "auto" if cfg.keep == "auto" else f"{cfg.keep:g}")
+        return f"channels({keep})"
     return name
 
 
@@ -79,6 +87,7 @@ def run_recipe(recipe: str, cfg: ResolvedModel, bases: dict[str, keras.Model], d
     labels, settings = [], {}
     names = spec.step_names()
     skipped: dict[str, dict[str, str]] = {}
+    files: dict[str, bytes] = {}
     for i in range(len(names) - 1):
         step_name, step_cfg = cfg.step_config(recipe, i)
         extra = ({"clusters": step_cfg.clusters, "preserve_sparsity": step_cfg.preserve_sparsity}
@@ -86,16 +95,34 @@ def run_recipe(recipe: str, cfg: ResolvedModel, bases: dict[str, keras.Model], d
         left = skipped_layers(model, step_name, **extra)
         if left:
             skipped[f"{i}.{step_name}"] = left
-        model = STEPS[step_name](model, step_cfg, data, cfg.seed)
-        labels.append(_label(step_name, step_cfg))
         settings[f"{i}.{step_name}"] = step_cfg.model_dump()
+        label = _label(step_name, step_cfg)  # as written: "auto" before it is resolved
+        if step_name == "channels":
+            model, info = channel_prune(model, step_cfg, data, cfg.seed)
+            rows = info.pop("sensitivity", None)
+            info.pop("full_width")  # already in ``skipped`` (and MLflow params must stay short)
+            if rows:
+                files.update(sensitivity.files(rows, f"{recipe}-channels-sensitivity",
+                                               f"{cfg.name} {recipe}: channel-pruning sensitivity"))
+            settings[f"{i}.{step_name}"].update(info)
+        else:
+            if step_name == "prune" and step_cfg.layer_sparsity == "auto":
+                # Resolved here, not inside prune, so the manifest records the levels and the table.
+                step_cfg, rows, drop = resolve_auto(model, step_cfg, data)
+                files.update(sensitivity.files(rows, f"{recipe}-prune-sensitivity",
+                                               f"{cfg.name} {recipe}: magnitude-pruning sensitivity"))
+                settings[f"{i}.{step_name}"].update(layer_sparsity=step_cfg.layer_sparsity,
+                                                    auto_val_drop_before_fine_tuning=drop)
+            model = STEPS[step_name](model, step_cfg, data, cfg.seed)
+        labels.append(label)
     conversion = names[-1]
     rep = representative_samples(data, cfg.quantize.representative_samples, cfg.seed) if conversion == "int8" else None
     try:
         content = to_tflite(model, conversion, rep)
     except Exception as exc:  # (the converter's many error types: the recipe's verdict, the others go on)
         raise NotApplicable(f"{conversion} conversion failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
-    return Variant(content, encode_best(content), spec.start, [*labels, conversion], settings, skipped=skipped)
+    return Variant(content, encode_best(content), spec.start, [*labels, conversion], settings, skipped=skipped,
+                   files=files)
 
 
 def search_order(cfg: ResolvedModel) -> list[tuple[float, int, str]]:
@@ -117,8 +144,11 @@ def search(cfg: ResolvedModel, teacher: keras.Model, student: keras.Model, data:
     teacher_val = training.accuracy(teacher, data.val.x, data.val.y)
     trials: dict[str, Variant] = {}
     for i, (sparsity, clusters, conversion) in enumerate(search_order(cfg)[: s.budget]):
+        # The candidate's sparsity is the search's: a prune.layer_sparsity of auto would replace it.
+        per_layer = {} if cfg.prune.layer_sparsity == "auto" else cfg.prune.layer_sparsity
         prune_cfg = PruneConfig.model_validate({**cfg.prune.model_dump(), "target_sparsity": sparsity,
-                                                "initial_sparsity": 0.0, "pattern": "unstructured"})
+                                                "initial_sparsity": 0.0, "pattern": "unstructured",
+                                                "layer_sparsity": per_layer})
         cluster_cfg = ClusterConfig.model_validate({**cfg.cluster.model_dump(), "clusters": clusters})
         model = cluster(prune(student, prune_cfg, data, cfg.seed), cluster_cfg, data, cfg.seed)
         rep = representative_samples(data, cfg.quantize.representative_samples, cfg.seed)
@@ -173,8 +203,11 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
         for name, v in variants.items():
             (tmp / f"{name}.tflite").write_bytes(v.content)
             (tmp / f"{name}.sfc").write_bytes(v.coded)
+            for extra, content in v.files.items():
+                (tmp / extra).write_bytes(content)
             manifest[name] = {"file": f"{name}.tflite", "coded": f"{name}.sfc", "parent": v.parent,
-                              "steps": v.steps, "settings": v.settings, "search": v.search, "skipped": v.skipped}
+                              "steps": v.steps, "settings": v.settings, "search": v.search, "skipped": v.skipped,
+                              **({"files": sorted(v.files)} if v.files else {})}
         for name, why in not_applicable.items():
             manifest[name] = {"not_applicable": why}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

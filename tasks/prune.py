@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from shrinkfleet import training, zoo
+from shrinkfleet import sensitivity, training, zoo
 from shrinkfleet.config import PruneConfig
 from shrinkfleet.datasets import Prepared, load_prepared
 from shrinkfleet.evaluation import PRUNABLE, kernel_sparsity, prunable_weight
+from shrinkfleet.sensitivity import magnitude_prunable
 from shrinkfleet.techniques import NotApplicable, positive_zeros, skipped_layers
 from shrinkfleet.tfenv import configure_devices, keras, reset, tfmot
 from tasks.common import StageContext
@@ -51,6 +52,8 @@ def prune(model: keras.Model, cfg: PruneConfig, data: Prepared, seed: int) -> ke
         NotApplicable: the model has no layer TFMOT can prune.
     """
     sparsity = tfmot().sparsity.keras
+    if cfg.layer_sparsity == "auto":
+        cfg = resolve_auto(model, cfg, data)[0]
     reset(seed)
     base = zoo.clone(model)
     kind = zoo.output_kind(base)
@@ -90,13 +93,34 @@ def prune(model: keras.Model, cfg: PruneConfig, data: Prepared, seed: int) -> ke
     return positive_zeros(zoo.clone(stripped))
 
 
-def prunes(layer: keras.layers.Layer) -> bool:
-    """Whether TFMOT's magnitude pruning zeroes this layer's kernel: Dense and convolutions.
+prunes = magnitude_prunable
 
-    Not DepthwiseConv2D: TFMOT 0.8.1 wraps it but leaves its depthwise kernel dense (measured).
+
+def resolve_auto(model: keras.Model, cfg: PruneConfig, data: Prepared
+                 ) -> tuple[PruneConfig, list[dict[str, Any]], float]:
+    """``cfg`` with ``layer_sparsity: auto`` replaced by per-layer targets from a sensitivity analysis.
+
+    Every layer TFMOT prunes is tried alone at each of ``cfg.auto_levels`` (no fine-tuning), and
+    :func:`shrinkfleet.sensitivity.choose` picks its level within ``cfg.auto_max_drop`` of
+    ``model``'s validation accuracy (a layer at 0.0 is not pruned).
+
+    Returns:
+        The resolved config, the sensitivity table, and the validation drop of all chosen
+        levels at once before fine-tuning.
+
+    Raises:
+        NotApplicable: no layer to prune, or a regression dataset (the bound is on accuracy).
     """
-    return (isinstance(layer, PRUNABLE) and not isinstance(layer, keras.layers.DepthwiseConv2D)
-            and prunable_weight(layer) is not None)
+    if data.task == "regression":
+        raise NotApplicable("prune.layer_sparsity auto bounds an accuracy drop; this is a regression dataset")
+    if cfg.pattern == "2:4":
+        raise NotApplicable("prune.layer_sparsity auto picks unstructured sparsities; pattern 2:4 has one")
+    try:
+        rows = sensitivity.analyse(model, data.val.x, data.val.y, cfg.auto_levels, "prune")
+    except ValueError as exc:
+        raise NotApplicable(f"prune: {exc}") from None
+    levels, drop = sensitivity.choose(model, data.val.x, data.val.y, rows, cfg.auto_max_drop)
+    return cfg.model_copy(update={"layer_sparsity": levels}), rows, drop
 
 
 def layer_targets(model: keras.Model, cfg: PruneConfig) -> dict[str, float]:
@@ -105,6 +129,8 @@ def layer_targets(model: keras.Model, cfg: PruneConfig) -> dict[str, float]:
     Raises:
         ValueError: ``layer_sparsity`` names a layer the model does not have.
     """
+    if cfg.layer_sparsity == "auto":
+        raise ValueError("prune.layer_sparsity auto: resolve it first (tasks.prune.resolve_auto)")
     prunable = [layer.name for layer in model.layers if prunes(layer)]
     if cfg.pattern == "2:4":  # TFMOT's m-by-n sparsity covers Dense and Conv2D kernels only
         prunable = [n for n in prunable if type(model.get_layer(n)) in (keras.layers.Dense, keras.layers.Conv2D)]
@@ -143,16 +169,24 @@ def run(ctx: StageContext, model_name: str) -> dict[str, Any]:
     data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
     base = zoo.load(ctx.ws.keras(model_name, cfg.base), cfg.user_modules, ctx.ws.root)
     note = ""
+    prune_cfg, auto = cfg.prune, {}
     try:
-        pruned = prune(base, cfg.prune, data, cfg.seed)
+        if prune_cfg.layer_sparsity == "auto":
+            prune_cfg, rows, drop = resolve_auto(base, prune_cfg, data)
+            # Beside metrics/<model>.json: a diagnostic of this run, rewritten whenever the stage runs.
+            files = sensitivity.write(rows, ctx.ws.metrics(model_name).parent, f"{model_name}-prune-sensitivity",
+                                      f"{model_name}: magnitude-pruning sensitivity ({cfg.base}, no fine-tuning)")
+            auto = {"layer_sparsity": prune_cfg.layer_sparsity, "auto_val_drop_before_fine_tuning": drop,
+                    "sensitivity_files": [str(f.relative_to(ctx.ws.root)) for f in files]}
+        pruned = prune(base, prune_cfg, data, cfg.seed)
     except NotApplicable as exc:
         pruned, note = base, f"{exc}: pruned.keras is the {cfg.base} unchanged"
     else:
         reached = kernel_sparsity(pruned)
-        target = expected_sparsity(cfg.prune, base)
+        target = expected_sparsity(prune_cfg, base)
         if not np.isclose(reached, target, atol=0.02):
             raise RuntimeError(f"prune: reached sparsity {reached:.3f}, target {target}; check prune.frequency")
     zoo.save(pruned, ctx.ws.keras(model_name, "pruned"))
     return {"sparsity": kernel_sparsity(pruned),
             **{f"val_{k}": v for k, v in training.score(pruned, data.val.x, data.val.y, data.task).items()},
-            "from": cfg.base, "skipped_layers": skipped_layers(base, "prune"), "note": note}
+            "from": cfg.base, "skipped_layers": skipped_layers(base, "prune"), "note": note, **auto}

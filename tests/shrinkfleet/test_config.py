@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,35 @@ def test_a_model_may_pick_its_recipes(tiny_params):
     fleet = parse_params(tiny_params)
     assert list(fleet.resolve("cancer-mlp").recipes) == ["pruned-int8"]
     assert len(fleet.resolve("digits-mlp").recipes) == len(fleet.recipes)
+
+
+@pytest.mark.parametrize("step, expected", [
+    ({"channels": {"kep": 0.5}}, "recipes.ch.steps[0].channels.kep"),
+    ({"channels": {"keep": 1.5}}, "recipes.ch.steps[0].channels.keep"),
+    ({"channels": {"norm": "l3"}}, "recipes.ch.steps[0].channels.norm"),
+    ({"channels": {"keep": "half"}}, "recipes.ch.steps[0].channels.keep: must be a fraction in (0, 1] or auto, "
+                                     "got 'half'"),
+    ({"prune": {"layer_sparsity": "aut"}}, "recipes.ch.steps[0].prune.layer_sparsity: must be a mapping of layer "
+                                          "name to sparsity, or auto, got 'aut'"),
+])
+def test_a_bad_channels_step_names_recipe_and_key(tiny_params, step, expected):
+    tiny_params["recipes"] = {"ch": {"steps": [step, "int8"]}}
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse_params(tiny_params)
+
+
+def test_channels_and_auto_settings_resolve(tiny_params):
+    tiny_params["recipes"] = {"ch": {"steps": [{"channels": {"keep": "auto"}}, "cluster", "float32"]}}
+    tiny_params["prune"] = {**tiny_params.get("prune", {}), "layer_sparsity": "auto"}
+    resolved = parse_params(tiny_params).resolve("digits-mlp")
+    name, cfg = resolved.step_config("ch", 0)
+    assert (name, cfg.keep, cfg.norm) == ("channels", "auto", "l1")
+    assert resolved.prune.layer_sparsity == "auto"
+
+
+def test_auto_layer_sparsity_is_refused_for_a_regression_model(tiny_params):
+    tiny_params["datasets"]["houses"] = {"source": "csv", "path": "houses.csv", "label": "price", "task": "regression"}
+    tiny_params["models"]["cancer-mlp"]["dataset"] = "houses"
+    tiny_params["models"]["cancer-mlp"]["prune"] = {"layer_sparsity": "auto"}
+    with pytest.raises(ConfigError, match=r"models.cancer-mlp.prune.layer_sparsity: auto bounds an accuracy drop"):
+        parse_params(tiny_params)

@@ -125,3 +125,145 @@ def test_search_respects_the_budget_and_the_bound(teacher, student, digits):
     trials = search(tighter, teacher, student, digits)
     assert len(trials) >= 2 and not next(iter(trials.values())).search["within_bound"]
     _check_search(trials, bound, 3, teacher_val, digits)
+
+
+CHANNEL_RECIPES = {"ch-int8": {"from": "student", "steps": [{"channels": {"keep": 0.5}}, "int8"]},
+                   "ch-clustered": {"from": "student", "steps": ["channels", "cluster", "float32"]},
+                   "student-int8": {"from": "student", "steps": ["int8"]},
+                   "student-clustered": {"from": "student", "steps": ["cluster", "float32"]}}
+
+
+def test_channels_recipes_give_smaller_working_variants_and_list_full_width_layers(teacher, student, pruned,
+                                                                                    digits):
+    """["channels", "int8"] and ["channels", "cluster", "float32"]: the channel-pruned model goes on
+    through clustering and int8 like any model, and each variant is smaller than the same recipe without it."""
+    from shrinkfleet.macs import count_macs
+    from tasks.compress import compress
+
+    cfg = _resolved(recipes=CHANNEL_RECIPES, channels={"epochs": 1}, cluster={"clusters": 8, "epochs": 1})
+    variants, not_applicable = compress(cfg, {"teacher": teacher, "student": student, "pruned": pruned}, digits)
+    assert not_applicable == {}
+    for chan, plain in (("ch-int8", "student-int8"), ("ch-clustered", "student-clustered")):
+        v = variants[chan]
+        assert len(v.content) < len(variants[plain].content)
+        assert v.steps[0] == "channels(0.5)"
+        info = v.settings["0.channels"]
+        assert info["macs_before"] == count_macs(student) and info["macs_after"] < info["macs_before"]
+        assert info["kept"] == {"dense_0": [16, 32]}
+        # The output layer cannot lose units: listed, with why, in the variant's metadata.
+        assert set(v.skipped["0.channels"]) == {"logits"} and "full_width" not in info
+        tfl = TFLiteModel(v.content)
+        assert tfl.predict(digits.test.x[:5]).shape == (5, 10)
+        assert accuracy_of(tfl.predict, digits.test.x, digits.test.y) > 0.6
+
+
+def test_channels_keep_auto_and_target_macs(student, digits):
+    from shrinkfleet.config import ChannelsConfig
+    from shrinkfleet.macs import count_macs
+    from shrinkfleet.techniques import channel_prune
+
+    model, info = channel_prune(student, ChannelsConfig(target_macs=0.6, epochs=0), digits, seed=0)
+    assert count_macs(model) <= 0.6 * count_macs(student) and info["macs_after"] == count_macs(model)
+    model, info = channel_prune(student, ChannelsConfig(keep="auto", auto_max_drop=0.02, epochs=0), digits, seed=0)
+    assert len(info["sensitivity"]) == 3 and info["auto_val_drop_before_fine_tuning"] <= 0.02
+    assert set(info["keep"]) == {"dense_0"}
+
+
+def test_channels_target_macs_out_of_reach_is_a_verdict(student, digits):
+    from shrinkfleet.config import ChannelsConfig
+    from shrinkfleet.techniques import NotApplicable, channel_prune
+
+    # The logits layer stays whole: a 1-unit hidden layer still leaves 1 x 10 of its MACs and 64 x 1 of dense_0's.
+    with pytest.raises(NotApplicable, match="target_macs 0.01 is out of reach"):
+        channel_prune(student, ChannelsConfig(target_macs=0.01, epochs=0), digits, seed=0)
+
+
+def test_auto_pruning_and_channels_recipes_through_the_prune_and_compress_stages(teacher, student, tmp_path):
+    """As ``shrinkfleet stage prune|compress`` run them: the prune stage writes its sensitivity table and
+    plot and prunes to the chosen levels; the compress stage writes the channels variants, their
+    sensitivity files and the layers kept at full width in the manifest."""
+    import copy
+    import json
+
+    import yaml
+
+    from shrinkfleet import zoo
+    from tasks import compress as compress_stage
+    from tasks import prepare
+    from tasks import prune as prune_stage
+    from tasks.common import context
+
+    params = copy.deepcopy(TINY_PARAMS)
+    params["models"] = {"digits-mlp": params["models"]["digits-mlp"]}
+    params["prune"]["layer_sparsity"] = "auto"
+    params["channels"] = {"epochs": 1}
+    params["recipes"] = {"ch-int8": {"from": "student", "steps": ["channels", "int8"]},
+                         "ch-auto-clustered": {"steps": [{"channels": {"keep": "auto"}},
+                                                         {"prune": {"layer_sparsity": "auto"}}, "cluster",
+                                                         "float32"]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ctx = context(tmp_path)
+    prepare.run(ctx, "digits")
+    zoo.save(teacher, ctx.ws.keras("digits-mlp", "teacher"))
+    zoo.save(student, ctx.ws.keras("digits-mlp", "student"))
+
+    result = prune_stage.run(ctx, "digits-mlp")
+    table = tmp_path / "metrics" / "digits-mlp-prune-sensitivity.csv"
+    assert sorted(result["sensitivity_files"]) == [f"metrics/digits-mlp-prune-sensitivity.{e}"
+                                                   for e in ("csv", "json", "png")]
+    assert len(table.read_text().splitlines()) == 1 + 2 * 5  # header + 2 layers x 5 default levels
+    assert result["auto_val_drop_before_fine_tuning"] <= 0.01
+    pruned = zoo.load(ctx.ws.keras("digits-mlp", "pruned"))
+    zeros = {layer.name: np.mean(layer.kernel.numpy() == 0) for layer in pruned.layers if hasattr(layer, "kernel")}
+    assert zeros == pytest.approx(result["layer_sparsity"], abs=0.02)
+
+    out = compress_stage.run(ctx, "digits-mlp")
+    assert out["not_applicable"] == {}
+    vdir = ctx.ws.variants_dir("digits-mlp")
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    assert manifest["ch-int8"]["skipped"]["0.channels"] == {"logits": "an output of the model (outputs are never "
+                                                                      "pruned)"}
+    assert manifest["ch-int8"]["settings"]["0.channels"]["kept"] == {"dense_0": [16, 32]}
+    entry = manifest["ch-auto-clustered"]
+    assert entry["steps"] == ["channels(auto)", "prune(auto)", "cluster(8)", "float32"]
+    assert sorted(entry["files"]) == sorted(f"ch-auto-clustered-{m}-sensitivity.{e}" for m in ("channels", "prune")
+                                            for e in ("csv", "json", "png"))
+    assert all((vdir / f).is_file() for f in entry["files"])
+    levels = entry["settings"]["1.prune"]["layer_sparsity"]  # resolved on the channel-pruned model
+    assert set(levels) == {"dense_0", "logits"} and all(0 <= v < 1 for v in levels.values())
+
+
+def test_channels_step_on_a_residual_cnn_keeps_the_add_whole_and_converts_to_int8(digits):
+    """Conv + BatchNorm + a residual Add: the Add's branches keep their width (listed), the rest is cut,
+    and the smaller model converts to full-integer int8 with the same output shape."""
+    from shrinkfleet.config import ChannelsConfig
+    from shrinkfleet.evaluation import to_tflite
+    from shrinkfleet.macs import count_macs
+    from shrinkfleet.techniques import channel_prune
+    from shrinkfleet.tfenv import keras
+
+    L = keras.layers
+    x = keras.Input(digits.train.x.shape[1:])
+    h = L.ReLU()(L.BatchNormalization(name="bn_a")(L.Conv2D(16, 3, padding="same", name="conv_a")(x)))
+    r = L.Conv2D(16, 3, padding="same", name="conv_r")(h)
+    h = L.Add(name="add")([h, r])
+    h = L.Conv2D(16, 3, padding="same", activation="relu", name="conv_b")(h)
+    h = L.Dense(24, activation="relu", name="dense")(L.Flatten()(L.MaxPooling2D()(h)))
+    model = keras.Model(x, L.Dense(10, name="logits")(h))
+    pruned, info = channel_prune(model, ChannelsConfig(keep=0.5, epochs=1), digits, seed=0)
+    assert set(info["kept"]) == {"conv_b", "dense"}
+    assert {"conv_a", "conv_r", "logits"} <= set(info["full_width"])
+    assert count_macs(pruned) < count_macs(model) and pruned.count_params() < model.count_params()
+    tfl = TFLiteModel(to_tflite(pruned, "int8", digits.train.x[:50]))
+    assert tfl.predict(digits.test.x[:7]).shape == (7, 10)
+
+
+def test_search_candidates_keep_their_sparsity_when_prune_layer_sparsity_is_auto(teacher, student, digits):
+    from tasks.compress import search
+
+    cfg = _resolved(prune={**TINY_PARAMS["prune"], "epochs": 1, "layer_sparsity": "auto"}, cluster={"epochs": 1},
+                    search={"enabled": True, "budget": 1, "max_accuracy_drop": 1.0, "sparsities": [0.9],
+                            "clusters": [16], "conversions": ["float32"]})
+    (trial,) = search(cfg, teacher, student, digits).values()
+    assert trial.settings["prune"]["layer_sparsity"] == {}
+    assert tflite_sparsity(TFLiteModel(trial.content)) == pytest.approx(0.9, abs=0.02)

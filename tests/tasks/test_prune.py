@@ -58,3 +58,19 @@ def test_layer_sparsity_overrides_named_layers(student, digits):
     assert kernel_sparsity(pruned) == pytest.approx(expected_sparsity(cfg, student), abs=0.01)
     with pytest.raises(ValueError, match="prune.layer_sparsity: no prunable layer named ghost"):
         prune(student, PruneConfig(layer_sparsity={"ghost": 0.5}, epochs=1), digits, seed=0)
+
+
+def test_layer_sparsity_auto_picks_levels_from_the_sensitivity_table_within_the_bound(student, digits):
+    from tasks.prune import prune, resolve_auto
+
+    cfg = PruneConfig(layer_sparsity="auto", auto_levels=[0.3, 0.6, 0.9], auto_max_drop=0.02, epochs=2, frequency=5)
+    resolved, rows, drop = resolve_auto(student, cfg, digits)
+    levels = resolved.layer_sparsity
+    assert set(levels) == {"dense_0", "logits"} and len(rows) == 2 * 3
+    assert drop <= 0.02
+    for name, level in levels.items():  # never more than the largest level within the bound on its own
+        alone = [r["level"] for r in rows if r["layer"] == name and r["drop"] <= 0.02]
+        assert level <= max(alone, default=0.0)
+    pruned = prune(student, cfg, digits, seed=0)  # auto resolves the same way inside prune
+    by_name = {layer.name: np.mean(layer.kernel.numpy() == 0) for layer in pruned.layers if hasattr(layer, "kernel")}
+    assert by_name == pytest.approx(levels, abs=0.02)
