@@ -455,8 +455,23 @@ class FeatureConfig(_Strict):
 class EvaluateConfig(_Strict):
     """How every variant is measured."""
 
-    latency_runs: int = Field(100, ge=1, description="Timed single-sample inferences per variant.")
-    latency_warmup: int = Field(10, ge=0, description="Untimed inferences before timing.")
+    latency_runs: int = Field(100, ge=1, description="Timed LiteRT calls per variant and batch size.")
+    latency_warmup: int = Field(10, ge=0, description="Untimed calls before timing (at least one is made).")
+    batch_sizes: list[int] = Field(
+        [1, 32], min_length=1, description="Batch sizes every variant is timed at on LiteRT, giving "
+        "latency_ms_p50_b<N> and speedup_vs_float32_b<N> (batch 1 is always timed too)."
+    )
+    threads: int = Field(
+        1, ge=1, le=256, description="Threads of the LiteRT interpreter (XNNPACK) that times the variants; "
+        "1 is the reproducible figure on a shared machine and what a phone's one big core does."
+    )
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, value: list[int]) -> list[int]:
+        if any(b < 1 or b > 4096 for b in value):
+            raise ValueError(f"batch sizes must be between 1 and 4096, got {value}")
+        return sorted({1, *value})
 
 
 class GateConfig(_Strict):
@@ -472,12 +487,20 @@ class GateConfig(_Strict):
     )
     max_size_bytes: int | None = Field(None, gt=0, description="Largest accepted flatbuffer size; null = no limit.")
     max_latency_ms_p50: float | None = Field(
-        None, gt=0, description="Largest accepted median latency in ms; null = no limit."
+        None, gt=0, description="Largest accepted median LiteRT latency in ms at batch size latency_batch; "
+        "null = no limit."
     )
-    objective: Literal["size_bytes", "coded_bytes", "accuracy", "latency_ms_p50"] = Field(
+    latency_batch: int = Field(
+        1, ge=1, description="The batch size whose latency (latency_ms_p50_b<N>, one of evaluate.batch_sizes) "
+        "max_latency_ms_p50 and the latency_ms_p50 objective use."
+    )
+    max_macs: int | None = Field(
+        None, gt=0, description="Largest accepted multiply-accumulates per example (macs); null = no limit."
+    )
+    objective: Literal["size_bytes", "coded_bytes", "accuracy", "latency_ms_p50", "macs"] = Field(
         "size_bytes", description="How the candidate is chosen among passing variants: smallest size_bytes "
-        "(flatbuffer) or coded_bytes (entropy-coded), highest accuracy (regression: lowest MAE), or lowest "
-        "latency_ms_p50."
+        "(flatbuffer) or coded_bytes (entropy-coded), highest accuracy (regression: lowest MAE), lowest "
+        "latency_ms_p50 (at latency_batch) or fewest macs."
     )
     promote: bool = Field(True, description="Register the candidate in the MLflow Model Registry and move production.")
 

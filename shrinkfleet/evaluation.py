@@ -139,8 +139,11 @@ def _add_signature(content: bytes, input_names: list[str], output_names: list[st
 # ----------------------------------------------------------------------------- TFLite runner
 
 
-def open_interpreter(content: bytes) -> tuple[object, str]:
+def open_interpreter(content: bytes, threads: int | None = None) -> tuple[object, str]:
     """A LiteRT interpreter with tensors allocated, and which kernels run it.
+
+    ``threads`` is passed to the interpreter (and so to XNNPACK); ``None`` leaves LiteRT's
+    default, which is what latency must never depend on (``evaluate.threads`` pins it).
 
     XNNPACK (the default CPU delegate) refuses some int8 graphs whose quantization scales it
     cannot represent ("failed to prepare"); the built-in kernels run them. Returns
@@ -149,25 +152,27 @@ def open_interpreter(content: bytes) -> tuple[object, str]:
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     try:
-        it = Interpreter(model_content=content)
+        it = Interpreter(model_content=content, num_threads=threads)
         it.allocate_tensors()
         return it, "xnnpack"
     except RuntimeError:
-        it = Interpreter(model_content=content,
+        it = Interpreter(model_content=content, num_threads=threads,
                          experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
         it.allocate_tensors()
         return it, "builtin"
 
 
 class TFLiteModel:
-    """Runs a ``.tflite`` flatbuffer with LiteRT; quantizes int8 inputs and dequantizes outputs."""
+    """Runs a ``.tflite`` flatbuffer with LiteRT; quantizes int8 inputs and dequantizes outputs.
 
-    def __init__(self, content: bytes):
-        from ai_edge_litert.interpreter import Interpreter
+    The input is resized (and tensors reallocated) only when the batch size changes, so a
+    caller timing one batch size pays for it once, in warm-up.
+    """
 
+    def __init__(self, content: bytes, threads: int | None = None):
         self.content = content
-        self._interpreter_cls = Interpreter
-        self.interpreter, self.runtime = open_interpreter(content)
+        self.threads = threads
+        self.interpreter, self.runtime = open_interpreter(content, threads)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self._batch = int(self.input["shape"][0])
@@ -278,17 +283,44 @@ class Latency:
     p95_ms: float
 
 
-def latency(call: Callable[[np.ndarray], object], sample: np.ndarray, runs: int, warmup: int) -> Latency:
-    """Wall-clock latency of single-sample inference (batch 1): median and 95th percentile."""
-    one = sample[:1]
-    for _ in range(warmup):
-        call(one)
+def batch_of(sample: np.ndarray, batch: int) -> np.ndarray:
+    """The first ``batch`` samples of ``sample``, repeated when it has fewer."""
+    if len(sample) == 0:
+        raise ValueError("latency needs at least one sample")
+    reps = -(-batch // len(sample))
+    return np.concatenate([sample] * reps)[:batch] if reps > 1 else sample[:batch]
+
+
+def latency(call: Callable[[np.ndarray], object], sample: np.ndarray, runs: int, warmup: int,
+            batch: int = 1) -> Latency:
+    """Wall-clock latency of one call on ``batch`` samples: median and 95th percentile, in ms.
+
+    The same input array is passed every time: a runtime that resizes on a new batch size
+    (:class:`TFLiteModel`) does so once, in the (at least one) warm-up call, never in a timed one.
+    """
+    x = batch_of(sample, batch)
+    for _ in range(max(warmup, 1)):
+        call(x)
     times = np.empty(runs)
     for i in range(runs):
         t0 = time.perf_counter()
-        call(one)
+        call(x)
         times[i] = time.perf_counter() - t0
     return Latency(float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 95) * 1e3))
+
+
+def tflite_latencies(content: bytes, sample: np.ndarray, batch_sizes: list[int], runs: int, warmup: int,
+                     threads: int | None) -> tuple[dict[int, Latency], str]:
+    """LiteRT latency of a flatbuffer at each batch size, one interpreter per size, and its kernels.
+
+    A separate interpreter per batch size keeps every timed call on tensors allocated for
+    exactly that shape (alternating sizes on one interpreter would resize and reallocate).
+    """
+    out, runtime = {}, ""
+    for batch in batch_sizes:
+        model = TFLiteModel(content, threads)
+        out[batch], runtime = latency(model, sample, runs, warmup, batch), model.runtime
+    return out, runtime
 
 
 def keras_caller(model: keras.Model, traced: Callable | None = None,

@@ -18,9 +18,25 @@ SIZE_METRICS = (
     "huffman_bytes", "range_bytes", "zlib_bytes", "zstd_bytes",
     "sparsity", "params", "latency_ms_p50", "latency_ms_p95",
 )
+# Multiply-accumulates per example, counted from the Keras graph a variant comes from.
+COST_METRICS = ("macs",)
+# Per batch size N of evaluate.batch_sizes: median LiteRT latency and the speed-up against the
+# float32 TFLite conversion of the Keras model the variant comes from, same run, same threads.
+PER_BATCH = ("latency_ms_p50_b", "speedup_vs_float32_b")
 # Every variant's metrics, as written to metrics/<model>.json and logged to MLflow (a variant has
-# those of its task).
-METRICS = (*TASK_METRICS["classification"], *TASK_METRICS["regression"], *SIZE_METRICS)
+# those of its task, and the per-batch ones of its batch sizes: see variant_metrics).
+METRICS = (*TASK_METRICS["classification"], *TASK_METRICS["regression"], *SIZE_METRICS, *COST_METRICS)
+
+
+def batch_metric_names(batch_sizes: list[int]) -> tuple[str, ...]:
+    """``latency_ms_p50_b<N>`` and ``speedup_vs_float32_b<N>`` for every batch size N."""
+    return tuple(f"{prefix}{n}" for n in batch_sizes for prefix in PER_BATCH)
+
+
+def variant_metrics(v: dict[str, Any]) -> list[str]:
+    """The numeric metrics a variant's dict holds: those of :data:`METRICS` and its per-batch ones."""
+    per_batch = sorted(k for k in v if k.startswith(PER_BATCH) and k.rsplit("_b", 1)[-1].isdigit())
+    return [m for m in METRICS if m in v and v[m] is not None] + per_batch
 
 
 def metric_names(task: str) -> tuple[str, ...]:

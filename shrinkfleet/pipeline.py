@@ -66,7 +66,8 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
                "tasks/prune.py", "tasks/compress.py"),
               ("seed", "prune", "cluster", "channels", "qat", "quantize", "recipes", "search"),
               ("prune", "cluster", "channels", "qat", "quantize", "recipes", "search")),
-    StageKind("evaluate", ("shrinkfleet/evaluation.py", "shrinkfleet/coding.py", "tasks/evaluate.py"),
+    StageKind("evaluate", ("shrinkfleet/evaluation.py", "shrinkfleet/coding.py", "shrinkfleet/macs.py",
+                           "tasks/evaluate.py"),
               ("evaluate",), ("distill", "prune")),
 )}
 STAGE_KINDS = tuple(KINDS)

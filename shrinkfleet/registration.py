@@ -15,6 +15,7 @@ from mlflow.entities import Metric, RunTag
 
 from shrinkfleet import gate, registry, report, tracking, versioning
 from shrinkfleet.config import ResolvedModel
+from shrinkfleet.metrics import variant_metrics
 from shrinkfleet.pipeline import MODEL_STAGE_KINDS, stage_name
 from shrinkfleet.storage import file_md5
 from shrinkfleet.workspace import Workspace
@@ -60,8 +61,7 @@ def version_tags(
     }
     for name in _chain(doc, variant):
         tags[f"{t}.run.{name}"] = logged.variant_run_ids[name]
-    for metric in tracking.METRICS:
-        if metric in v:  # the metrics of the model's task
+    for metric in variant_metrics(v):  # the metrics of the model's task and its batch sizes
             tags[f"{t}.metric.{metric}"] = repr(float(v[metric]))
     # Content addresses for `shrinkfleet restore`: the dataset folder (DVC .dir hash) and each
     # artifact of the chain as a file md5 (what DVC's cache stores it under).

@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from shrinkfleet.config import ResolvedModel
-from shrinkfleet.metrics import METRICS
+from shrinkfleet.metrics import variant_metrics
 
 log = logging.getLogger(__name__)
 # MLflow's store announces schema creation/migration at INFO on every new database.
@@ -197,7 +197,7 @@ def log_model(
                 params = {"variant": variant, "recipe": v["recipe"][:6000], **_params_for(cfg, sections), **steps}
                 # Params and metrics in one batch: one write to the store instead of two.
                 now = int(time.time() * 1000)
-                client.log_batch(vrun.info.run_id, metrics=[Metric(m, float(v[m]), now, 0) for m in METRICS if m in v],
+                client.log_batch(vrun.info.run_id, metrics=[Metric(m, float(v[m]), now, 0) for m in variant_metrics(v)],
                                  params=[Param(k, str(val)) for k, val in params.items()])
                 mlflow.log_input(dataset, context="evaluation")
                 if artifact.is_file():

@@ -7,8 +7,17 @@ back from the standardised targets; int8 outputs dequantized first) and ``error_
 (MAE vs the teacher's, a fraction of it),
 ``size_bytes`` (TFLite flatbuffer; Keras variants as their float32 conversion),
 ``gzip_bytes``, ``compression_ratio`` (teacher bytes / variant bytes), ``sparsity``
-(zero share of the stored Dense/Conv weights), ``params`` and single-sample latency
-``latency_ms_p50`` / ``latency_ms_p95``.
+(zero share of the stored Dense/Conv weights), ``params``, ``macs`` (multiply-accumulates per
+example, counted from the Keras graph; a ``.tflite`` variant has its Keras parent's) and latency.
+
+Latency is always LiteRT's, with ``evaluate.threads`` interpreter threads: a ``.tflite``
+variant runs as it is, a Keras variant (teacher, student, pruned) as its float32 TFLite
+conversion, so every row compares the same runtime. Per batch size N of
+``evaluate.batch_sizes``: ``latency_ms_p50_b<N>`` and ``speedup_vs_float32_b<N>``, the latter
+against the float32 conversion of the Keras model the variant comes from (1.0 for that Keras
+variant itself). ``latency_ms_p50`` / ``latency_ms_p95`` are batch 1's. Keras (tf.function)
+timings are not measured: they add the Python call overhead of TensorFlow (about 0.9 ms),
+which no served flatbuffer pays.
 """
 
 from __future__ import annotations
@@ -21,9 +30,10 @@ import numpy as np
 
 from shrinkfleet import coding, training, zoo
 from shrinkfleet import evaluation as ev
-from shrinkfleet.config import PretrainedArch, ResolvedModel
+from shrinkfleet.config import EvaluateConfig, PretrainedArch, ResolvedModel
 from shrinkfleet.datasets import Prepared, load_prepared
-from shrinkfleet.metrics import metric_names, pareto_front
+from shrinkfleet.macs import count_macs
+from shrinkfleet.metrics import batch_metric_names, metric_names, pareto_front
 from shrinkfleet.metrics import quality as quality_of
 from shrinkfleet.storage import atomic_write_text
 from shrinkfleet.techniques import skipped_layers
@@ -61,31 +71,54 @@ def quality(predict: Any, data: Prepared, kind: str) -> dict[str, float]:
             "r2": 1.0 - float(np.sum(err ** 2)) / total if total > 0 else 0.0}
 
 
-def measure_keras(model: keras.Model, data: Prepared, runs: int, warmup: int) -> dict[str, float]:
-    """Metrics of a Keras variant (size measured on its float32 flatbuffer)."""
-    traced = ev.inference_function(model)  # one trace for the conversion, the latency and the accuracy
+def speed(content: bytes, data: Prepared, ecfg: EvaluateConfig) -> tuple[dict[str, Any], str]:
+    """LiteRT latency metrics of a flatbuffer at every batch size of ``ecfg``, and its kernels."""
+    lats, runtime = ev.tflite_latencies(content, data.test.x, ecfg.batch_sizes, ecfg.latency_runs,
+                                        ecfg.latency_warmup, ecfg.threads)
+    return {"latency_ms_p50": lats[1].p50_ms, "latency_ms_p95": lats[1].p95_ms,
+            **{f"latency_ms_p50_b{b}": lat.p50_ms for b, lat in lats.items()}}, runtime
+
+
+def speedups(v: dict[str, Any], baseline: dict[str, Any], batch_sizes: list[int]) -> dict[str, float]:
+    """``speedup_vs_float32_b<N>``: the baseline's median latency over the variant's, per batch size."""
+    return {f"speedup_vs_float32_b{b}": baseline[f"latency_ms_p50_b{b}"] / v[f"latency_ms_p50_b{b}"]
+            for b in batch_sizes}
+
+
+def macs_of(model: keras.Model) -> int | None:
+    """The model's multiply-accumulates per example, or None when its graph has an open dimension."""
+    try:
+        return count_macs(model)
+    except ValueError:
+        return None
+
+
+def measure_keras(model: keras.Model, data: Prepared, ecfg: EvaluateConfig) -> dict[str, Any]:
+    """Metrics of a Keras variant (size and latency measured on its float32 flatbuffer, with LiteRT)."""
+    traced = ev.inference_function(model)  # one trace for the conversion and the accuracy
     content = ev.to_tflite(model, "float32", traced=traced)
     call = ev.keras_caller(model, traced)
-    lat = ev.latency(call, data.test.x, runs, warmup)
+    lat, runtime = speed(content, data, ecfg)
     coded = coding.measure(content)
     kind = zoo.output_kind(model)
     return {
         **{k: coded[k] for k in CODED},
-        "runtime": "tf.function",
+        "runtime": f"litert-float32 ({runtime})",
         "output": kind,
         **quality(call, data, kind),
         "size_bytes": len(content),
         "gzip_bytes": ev.gzip_size(content),
         "sparsity": ev.kernel_sparsity(model),
         "params": int(model.count_params()),
-        "latency_ms_p50": lat.p50_ms,
-        "latency_ms_p95": lat.p95_ms,
+        "macs": macs_of(model),
+        **lat,
+        **{f"speedup_vs_float32_b{b}": 1.0 for b in ecfg.batch_sizes},
     }
 
 
-def measure_tflite(path: Path, data: Prepared, runs: int, warmup: int, coded: Path | None = None,
-                   kind: str = "logits") -> dict[str, float]:
-    """Metrics of a ``.tflite`` variant, run through LiteRT.
+def measure_tflite(path: Path, data: Prepared, ecfg: EvaluateConfig, coded: Path | None = None,
+                   kind: str = "logits") -> dict[str, Any]:
+    """Metrics of a ``.tflite`` variant, run through LiteRT (``speedup_vs_float32_b<N>`` is the caller's).
 
     Raises:
         RuntimeError: the coded blob does not decode to the exact flatbuffer.
@@ -98,17 +131,16 @@ def measure_tflite(path: Path, data: Prepared, runs: int, warmup: int, coded: Pa
             raise RuntimeError(f"{coded}: does not decode to {path.name} byte for byte")
         sizes["coded_bytes"] = len(blob)
     scores = quality(model.predict, data, kind)
-    lat = ev.latency(model, data.test.x, runs, warmup)
+    lat, runtime = speed(model.content, data, ecfg)
     return {
         **{k: sizes[k] for k in CODED},
-        "runtime": model.runtime,
+        "runtime": runtime,
         "output": kind,
         **scores,
         "size_bytes": len(model.content),
         "gzip_bytes": ev.gzip_size(model.content),
         "sparsity": ev.tflite_sparsity(model),
-        "latency_ms_p50": lat.p50_ms,
-        "latency_ms_p95": lat.p95_ms,
+        **lat,
     }
 
 
@@ -117,7 +149,7 @@ def evaluate(ctx: StageContext, model_name: str) -> dict[str, Any]:
     cfg = ctx.fleet.resolve(model_name)
     reset(cfg.seed)
     data = load_prepared(ctx.ws.prepared(cfg.dataset_name))
-    runs, warmup = cfg.evaluate.latency_runs, cfg.evaluate.latency_warmup
+    ecfg = cfg.evaluate
     recipe = recipes(cfg)
     parents = keras_parents(cfg)
     variants: dict[str, dict[str, Any]] = {}
@@ -125,7 +157,7 @@ def evaluate(ctx: StageContext, model_name: str) -> dict[str, Any]:
     for name in cfg.keras_variants:
         path = ctx.ws.keras(model_name, name)
         models[name] = zoo.load(path, cfg.user_modules, ctx.ws.root)
-        m = measure_keras(models[name], data, runs, warmup)
+        m = measure_keras(models[name], data, ecfg)
         skipped = {"prune": skipped_layers(models[cfg.base], "prune")} if name == "pruned" else {}
         variants[name] = {"format": "keras", "path": _rel(path, ctx), "parent": parents[name],
                           "recipe": recipe[name], "skipped": {k: v for k, v in skipped.items() if v}, **m}
@@ -137,9 +169,11 @@ def evaluate(ctx: StageContext, model_name: str) -> dict[str, Any]:
             continue
         parent = variants[entry["parent"]]
         coded = vdir / entry["coded"] if entry.get("coded") else None
-        m = measure_tflite(vdir / entry["file"], data, runs, warmup, coded, kind=parent["output"])
+        m = measure_tflite(vdir / entry["file"], data, ecfg, coded, kind=parent["output"])
+        m.update(speedups(m, parent, ecfg.batch_sizes))
         variants[name] = {"format": "tflite", "path": _rel(vdir / entry["file"], ctx), "parent": entry["parent"],
                           "recipe": " > ".join([parent["recipe"], *entry["steps"]]), "params": parent["params"],
+                          "macs": parent["macs"],
                           "search": entry.get("search"), "settings": entry.get("settings", {}),
                           "skipped": entry.get("skipped", {}), **m}
     teacher = variants["teacher"]
@@ -162,7 +196,8 @@ def evaluate(ctx: StageContext, model_name: str) -> dict[str, Any]:
         "pareto_front": front,
         "task": data.task,
         "variants": {name: {**{k: v[k] for k in ("format", "path", "parent", "recipe", "runtime", "output",
-                                                  *metric_names(data.task))},
+                                                  *metric_names(data.task), "macs",
+                                                  *batch_metric_names(ecfg.batch_sizes))},
                             "pareto": name in front, "search": v.get("search"), "settings": v.get("settings", {}),
                             "skipped": v.get("skipped", {})}
                      for name, v in variants.items()},

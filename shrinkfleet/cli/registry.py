@@ -275,7 +275,8 @@ def promote(
     def check(mv: Any) -> list[str]:
         drop = "error_increase" if _metric(mv, "error_increase") is not None else "accuracy_drop"
         bounded = {drop: True, "size_bytes": gate_cfg.max_size_bytes is not None,
-                   "latency_ms_p50": gate_cfg.max_latency_ms_p50 is not None}
+                   "macs": gate_cfg.max_macs is not None,
+                   gate.latency_metric(gate_cfg): gate_cfg.max_latency_ms_p50 is not None}
         metrics = {m: _metric(mv, m) for m, bound in bounded.items() if bound}
         missing = [m for m, v in metrics.items() if v is None]
         if missing:

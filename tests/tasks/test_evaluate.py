@@ -1,0 +1,38 @@
+"""The evaluate stage, driven through `shrinkfleet run`: fair LiteRT latency per batch size, speed-ups, MACs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import make_project, shrinkfleet_cmd
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_variant_has_litert_latency_per_batch_speedup_and_macs(tmp_path, tiny_params):
+    params = {**tiny_params, "models": {"digits-mlp": tiny_params["models"]["digits-mlp"]},
+              "recipes": {"pruned-float32": {"steps": ["float32"]}, "pruned-int8": {"steps": ["int8"]}},
+              "evaluate": {"latency_runs": 20, "latency_warmup": 2, "batch_sizes": [32], "threads": 1}}
+    project = make_project(tmp_path / "project", params)
+    run = shrinkfleet_cmd("run", cwd=project)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    doc = json.loads((project / "metrics" / "digits-mlp.json").read_text())
+    variants = doc["variants"]
+    assert set(variants) == {"teacher", "student", "pruned", "pruned-float32", "pruned-int8"}
+    for name, v in variants.items():
+        for key in ("latency_ms_p50_b1", "latency_ms_p50_b32", "speedup_vs_float32_b1", "speedup_vs_float32_b32"):
+            assert v[key] > 0, (name, key)
+        assert v["latency_ms_p50_b32"] > v["latency_ms_p50_b1"], name  # 32 samples take longer than one
+        assert v["latency_ms_p50"] == v["latency_ms_p50_b1"]  # one runtime in every row: LiteRT
+        assert v["runtime"] in ("xnnpack", "builtin") or v["runtime"].startswith("litert-float32"), name
+    # the 8-unit student has fewer MACs than the 32-unit teacher; a .tflite variant has its parent's
+    assert variants["student"]["macs"] == 64 * 8 + 8 * 10 < variants["teacher"]["macs"] == 64 * 32 + 32 * 10
+    assert variants["pruned-int8"]["macs"] == variants["pruned"]["macs"] == variants["student"]["macs"]
+    # the float32 flatbuffer of the pruned model is its own baseline: the same graph, timed twice
+    assert 0.5 < variants["pruned-float32"]["speedup_vs_float32_b32"] < 2.0
+    assert variants["pruned"]["speedup_vs_float32_b32"] == 1.0
+    expected = variants["pruned"]["latency_ms_p50_b32"] / variants["pruned-int8"]["latency_ms_p50_b32"]
+    assert variants["pruned-int8"]["speedup_vs_float32_b32"] == pytest.approx(expected)
