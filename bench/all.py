@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, print_table, write_results
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("inference", "orchestration", "noop", "fanout", "scale", "compression")
+SCRIPTS = ("inference", "latency", "orchestration", "noop", "fanout", "scale", "compression")
 GOAL_MINUTES = 30
 
 

@@ -55,6 +55,20 @@ def rows() -> list[tuple[str, ...]]:
                     f"**{doc['speedup_batch1']:.1f}x**; batch 32: {doc['speedup_batch32']:.1f}x; accuracy "
                     f"{f['accuracy'] * 100:.2f}% vs {i['accuracy'] * 100:.2f}%",
                     f">= {doc['goal_batch1']}x at batch 1", _ok(doc), _when(doc)))
+    if doc := _load("latency"):
+        for m in doc["models"].values():
+            v = m["variants"]
+            figures = "; ".join(
+                f"{label.replace('_', ' ')} **{m[f'{label}_vs_float32_tflite_batch32']:.2f}x** "
+                f"(batch 1: {m[f'{label}_vs_float32_tflite_batch1']:.2f}x, drop {v[label]['drop_pts']:+.2f} pts)"
+                for label in ("int8", "channel_pruned", "channel_pruned_int8"))
+            goals = doc["goals"]
+            out.append((f"Latency vs float32 TFLite at batch 32 ({m['model']}, MNIST, LiteRT {doc['threads']} "
+                        f"thread)", f"float32 {v['float32']['batch32_ms']:.3f} ms; {figures}; channel-pruned "
+                        f"{m['channel_macs_share']:.0%} MACs",
+                        f"int8 >= {goals['int8']}x, channel-pruned >= {goals['channel_pruned']}x, both >= "
+                        f"{goals['channel_pruned_int8']}x, drop <= {goals['max_drop_pts']:g} pt",
+                        "yes" if m["meets_goals"] else "**no**", _when(doc)))
     if doc := _load("scale"):
         parts = [f"{r['models']}: {r['seconds']:.0f} s ({r['seconds_per_model']:.1f} s/model, "
                  f"largest process {r['peak_process_rss_mb']:.0f} MB, all {r['peak_rss_mb']:.0f} MB)"
