@@ -13,8 +13,9 @@ the same LiteRT interpreter settings (XNNPACK, ``--threads`` threads, 1 by defau
 channel-pruned int8. Channel pruning is :func:`shrinkfleet.channels.prune_channels` with the
 ``keep`` fraction that brings the model nearest to ``--macs-target`` (0.5) of its MACs, found by
 bisection on the counted MACs, then a short fine-tune. Latency: the median of ``--runs`` (at
-least 200) timed calls after warm-up, per batch size, on one interpreter per batch size
-(:func:`shrinkfleet.evaluation.tflite_latencies`, what the evaluate stage uses). Also MACs
+least 200) timed calls after 50 warm-up calls, per batch size, each variant on its own
+interpreter sized once for that batch (as the evaluate stage does), the four variants timed in
+alternating blocks of 25 calls so load drift on a shared machine hits them alike. Also MACs
 (counted from the Keras graph), flatbuffer bytes and test accuracy.
 
 Goals, at batch 32 against float32 TFLite: int8 >= 1.5x, channel-pruned >= 1.6x,
@@ -94,8 +95,32 @@ def channel_prune(model, target: float):
     return best
 
 
+def interleaved(flatbuffers: dict[str, bytes], sample: np.ndarray, batch: int, args, block: int = 25) -> dict:
+    """Median latency (ms) of each flatbuffer at ``batch``, timed in alternating blocks of ``block`` calls.
+
+    On a shared machine the load drifts over seconds; alternating the variants gives each the
+    same share of quiet and busy moments, so their ratio holds even when the absolute figures
+    move. Each variant has its own interpreter, sized for ``batch`` in its warm-up.
+    """
+    from shrinkfleet.evaluation import TFLiteModel, batch_of
+
+    x = batch_of(sample, batch)
+    models = {label: TFLiteModel(content, args.threads) for label, content in flatbuffers.items()}
+    for model in models.values():
+        for _ in range(50):
+            model(x)
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for _ in range(-(-args.runs // block)):
+        for label, model in models.items():
+            for _ in range(block):
+                t0 = time.perf_counter()
+                model(x)
+                times[label].append(time.perf_counter() - t0)
+    return {label: float(np.median(t)) * 1e3 for label, t in times.items()}
+
+
 def run_model(name: str, data, args) -> dict:
-    from shrinkfleet.evaluation import TFLiteModel, accuracy_of, tflite_latencies, to_tflite
+    from shrinkfleet.evaluation import TFLiteModel, accuracy_of, to_tflite
     from shrinkfleet.macs import count_macs
 
     t0 = time.perf_counter()
@@ -104,7 +129,7 @@ def run_model(name: str, data, args) -> dict:
     train_s = time.perf_counter() - t0
     keep, share, result = channel_prune(model, args.macs_target)
     pruned = result.model
-    fit(pruned, data, args.finetune_epochs[name], 5e-4)
+    fit(pruned, data, args.finetune_epochs[name], 1e-3)
     rep = data.train.x[:200]
     flatbuffers = {
         "float32": (to_tflite(model, "float32"), count_macs(model)),
@@ -114,12 +139,12 @@ def run_model(name: str, data, args) -> dict:
     }
     variants = {}
     for label, (content, macs) in flatbuffers.items():
-        lats, runtime = tflite_latencies(content, data.test.x, list(BATCHES), args.runs, 50, args.threads)
-        variants[label] = {
-            "accuracy": accuracy_of(TFLiteModel(content, args.threads).predict, data.test.x, data.test.y),
-            "macs": macs, "bytes": len(content), "runtime": runtime,
-            **{f"batch{b}_ms": lat.p50_ms for b, lat in lats.items()},
-        }
+        model = TFLiteModel(content, args.threads)
+        variants[label] = {"accuracy": accuracy_of(model.predict, data.test.x, data.test.y), "macs": macs,
+                           "bytes": len(content), "runtime": model.runtime}
+    for b in BATCHES:
+        for label, ms in interleaved({k: c for k, (c, _) in flatbuffers.items()}, data.test.x, b, args).items():
+            variants[label][f"batch{b}_ms"] = ms
     base = variants["float32"]
     for v in variants.values():
         for b in BATCHES:
@@ -155,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--runs must be at least 200 (a median of fewer calls is noise at these latencies)")
     models = args.models or (["lenet5"] if args.quick else list(MODELS))
     args.epochs = {"lenet5": 1 if args.quick else 6, "mobilenetv2": 1 if args.quick else 8}
-    args.finetune_epochs = {"lenet5": 1 if args.quick else 3, "mobilenetv2": 1 if args.quick else 4}
+    args.finetune_epochs = {"lenet5": 1 if args.quick else 3, "mobilenetv2": 1 if args.quick else 10}
 
     from shrinkfleet.config import SplitConfig
     from shrinkfleet.datasets import Prepared, Split, load_mnist, prepare

@@ -39,11 +39,15 @@ def _repetitions(doc: dict, keys: set[str]) -> None:
 
 def test_inference_quick(tmp_path):
     doc = _run("inference", tmp_path, "--runs", "30")
-    float_case, int8_case = doc["results"].values()
-    for case in (float_case, int8_case):
+    labels = list(doc["results"])
+    assert labels[0].startswith("float32 LiteRT") and labels[1].startswith("int8 LiteRT")
+    assert labels[2] == "float32 Keras (tf.function, not comparable)"  # Keras is a labelled row, not the baseline
+    float_case, int8_case, keras_case = doc["results"].values()
+    for case in (float_case, int8_case, keras_case):
         assert 0.5 < case["accuracy"] <= 1 and case["batch1_ms"] > 0 and case["batch32_ms"] > 0
     assert abs(float_case["accuracy"] - int8_case["accuracy"]) <= 0.03  # int8 keeps the float model's accuracy
-    assert f"{doc['speedup_batch1']:.1f}x" in doc["_stdout"]
+    assert abs(keras_case["accuracy"] - float_case["accuracy"]) <= 0.005  # the same float model, served two ways
+    assert f"{doc['speedup_batch32']:.2f}x at batch 32" in doc["_stdout"]
 
 
 @pytest.mark.slow
