@@ -5,7 +5,8 @@ temporary probe (its creation and removal would change the folder's mtime), not 
 database, not ``.dvc/config``. The CLI prints them together and exits with code 2, before
 MLflow, DVC or Prefect is touched.
 
-What is checked: every dataset in use is loaded and checked (:func:`dataset_problems`), every
+What is checked: every gate's latency batch size is one that evaluate times
+(:func:`gate_problems`), every dataset in use is loaded and checked (:func:`dataset_problems`), every
 model of yours is loaded or built and checked against its prepared data
 (:func:`model_problems`), the folders a run writes into are writable
 (:func:`unwritable_outputs`), an MLflow server named by ``MLFLOW_TRACKING_URI`` answers
@@ -192,9 +193,21 @@ def storage_problems(fleet: FleetConfig) -> list[str]:
     return []
 
 
+def gate_problems(fleet: FleetConfig, models: list[str]) -> list[str]:
+    """A gate whose latency limit or objective reads a batch size that evaluate does not time."""
+    problems = []
+    for name in models:
+        cfg = fleet.resolve(name)
+        if cfg.gate.latency_batch not in cfg.evaluate.batch_sizes:
+            where = f"models.{name}.gate" if "latency_batch" in (fleet.models[name].gate or {}) else "gate"
+            problems.append(f"{where}.latency_batch: {cfg.gate.latency_batch} is not one of evaluate.batch_sizes "
+                            f"{cfg.evaluate.batch_sizes}; add it there or choose one of them")
+    return problems
+
+
 def all_problems(fleet: FleetConfig, params: Path, root: Path, models: list[str]) -> list[str]:
-    """Every check above, in order: datasets, output folders, MLflow server, remote storage."""
-    problems: list[str] = []
+    """Every check above, in order: gates, datasets, output folders, MLflow server, remote storage."""
+    problems: list[str] = gate_problems(fleet, models)
     problems += dataset_problems(fleet, params.parent, models)
     problems += model_problems(fleet, params.parent, root, models)
     problems += unwritable_outputs(root)

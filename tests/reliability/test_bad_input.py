@@ -122,6 +122,10 @@ def sparsity_of_one(project: Path) -> None:
     _params(project, lambda p: p["models"]["cancer-mlp"]["prune"].update(target_sparsity=1.0))
 
 
+def latency_batch_not_timed(project: Path) -> None:
+    _params(project, lambda p: p.update(gate={"max_latency_ms_p50": 1.0, "latency_batch": 8}))
+
+
 def temperature_zero(project: Path) -> None:
     _params(project, lambda p: p["distill"].update(temperature=0))
 
@@ -179,6 +183,7 @@ CASES = [
     (wrong_type, "teacher.epochs: must be a valid integer"),
     (sparsity_of_one, "models.cancer-mlp.prune.target_sparsity: must be less than 1"),
     (temperature_zero, "distill.temperature: must be greater than 0"),
+    (latency_batch_not_timed, "gate.latency_batch: 8 is not one of evaluate.batch_sizes [1, 32]"),
     (empty_fleet, "models: the fleet is empty"),
     (duplicate_model_names, "models.digits-mlp: duplicate key (line"),
     (missing_dataset_file, "datasets.mine.path: {project}/data/raw/mine.npz does not exist"),
