@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.conftest import make_project, shrinkfleet_cmd
 
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.slow
 def test_every_variant_has_litert_latency_per_batch_speedup_and_macs(tmp_path, tiny_params):
     params = {**tiny_params, "models": {"digits-mlp": tiny_params["models"]["digits-mlp"]},
               "recipes": {"pruned-float32": {"steps": ["float32"]}, "pruned-int8": {"steps": ["int8"]}},
-              "evaluate": {"latency_runs": 20, "latency_warmup": 2, "batch_sizes": [32], "threads": 1}}
+              "evaluate": {"latency_runs": 20, "latency_warmup": 2, "batch_sizes": [32], "threads": 1},
+              "gate": {"max_accuracy_drop": 1.0}}  # a candidate is registered whatever the tiny model's accuracy
     project = make_project(tmp_path / "project", params)
     run = shrinkfleet_cmd("run", cwd=project)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -36,3 +38,15 @@ def test_every_variant_has_litert_latency_per_batch_speedup_and_macs(tmp_path, t
     assert variants["pruned"]["speedup_vs_float32_b32"] == 1.0
     expected = variants["pruned"]["latency_ms_p50_b32"] / variants["pruned-int8"]["latency_ms_p50_b32"]
     assert variants["pruned-int8"]["speedup_vs_float32_b32"] == pytest.approx(expected)
+
+    # MLflow has the same figures on every variant's run; the registered candidate's tags have them too
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    exp = client.get_experiment_by_name("shrinkfleet/tiny")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`shrinkfleet.kind` = 'variant'")
+    assert {r.data.tags["mlflow.runName"].rsplit("/", 1)[-1] for r in runs} >= set(variants)
+    for r in runs:
+        assert {"macs", "latency_ms_p50_b1", "latency_ms_p50_b32", "speedup_vs_float32_b32"} <= set(r.data.metrics)
+    (mv,) = client.search_model_versions("name = 'digits-mlp'")
+    (registered,) = [v for v in variants.values() if v["recipe"] == mv.tags["shrinkfleet.recipe"]]
+    assert float(mv.tags["shrinkfleet.metric.latency_ms_p50_b32"]) == pytest.approx(registered["latency_ms_p50_b32"])
+    assert float(mv.tags["shrinkfleet.metric.macs"]) == registered["macs"]
