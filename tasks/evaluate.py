@@ -8,7 +8,8 @@ back from the standardised targets; int8 outputs dequantized first) and ``error_
 ``size_bytes`` (TFLite flatbuffer; Keras variants as their float32 conversion),
 ``gzip_bytes``, ``compression_ratio`` (teacher bytes / variant bytes), ``sparsity``
 (zero share of the stored Dense/Conv weights), ``params``, ``macs`` (multiply-accumulates per
-example, counted from the Keras graph; a ``.tflite`` variant has its Keras parent's) and latency.
+example, counted from the Keras graph; a ``.tflite`` variant has its Keras parent's, or what
+its recipe's ``channels`` step left) and latency.
 
 Latency is always LiteRT's, with ``evaluate.threads`` interpreter threads: a ``.tflite``
 variant runs as it is, a Keras variant (teacher, student, pruned) as its float32 TFLite
@@ -93,6 +94,18 @@ def macs_of(model: keras.Model) -> int | None:
         return None
 
 
+def variant_macs(settings: dict[str, Any], parent_macs: int | None) -> int | None:
+    """MACs of a ``.tflite`` variant: what its last ``channels`` step left, else its Keras parent's.
+
+    Conversion, clustering, QAT and magnitude pruning change how each MAC is computed (or zero
+    some weights), not how many the graph performs; only channel pruning removes them.
+    """
+    steps = sorted(((int(key.split(".", 1)[0]), value) for key, value in settings.items()
+                    if key.split(".", 1)[0].isdigit() and isinstance(value, dict)), key=lambda kv: kv[0])
+    after = [value["macs_after"] for _, value in steps if "macs_after" in value]
+    return int(after[-1]) if after else parent_macs
+
+
 def measure_keras(model: keras.Model, data: Prepared, ecfg: EvaluateConfig) -> dict[str, Any]:
     """Metrics of a Keras variant (size and latency measured on its float32 flatbuffer, with LiteRT)."""
     traced = ev.inference_function(model)  # one trace for the conversion and the accuracy
@@ -173,7 +186,7 @@ def evaluate(ctx: StageContext, model_name: str) -> dict[str, Any]:
         m.update(speedups(m, parent, ecfg.batch_sizes))
         variants[name] = {"format": "tflite", "path": _rel(vdir / entry["file"], ctx), "parent": entry["parent"],
                           "recipe": " > ".join([parent["recipe"], *entry["steps"]]), "params": parent["params"],
-                          "macs": parent["macs"],
+                          "macs": variant_macs(entry.get("settings", {}), parent["macs"]),
                           "search": entry.get("search"), "settings": entry.get("settings", {}),
                           "skipped": entry.get("skipped", {}), **m}
     teacher = variants["teacher"]

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 def test_every_variant_has_litert_latency_per_batch_speedup_and_macs(tmp_path, tiny_params):
     params = {**tiny_params, "models": {"digits-mlp": tiny_params["models"]["digits-mlp"]},
-              "recipes": {"pruned-float32": {"steps": ["float32"]}, "pruned-int8": {"steps": ["int8"]}},
+              "recipes": {"pruned-float32": {"steps": ["float32"]}, "pruned-int8": {"steps": ["int8"]},
+                          "narrow-int8": {"steps": [{"channels": {"keep": 0.5, "epochs": 1}}, "int8"]}},
               "evaluate": {"latency_runs": 20, "latency_warmup": 2, "batch_sizes": [32], "threads": 1},
               "gate": {"max_accuracy_drop": 1.0}}  # a candidate is registered whatever the tiny model's accuracy
     project = make_project(tmp_path / "project", params)
@@ -23,7 +24,7 @@ def test_every_variant_has_litert_latency_per_batch_speedup_and_macs(tmp_path, t
 
     doc = json.loads((project / "metrics" / "digits-mlp.json").read_text())
     variants = doc["variants"]
-    assert set(variants) == {"teacher", "student", "pruned", "pruned-float32", "pruned-int8"}
+    assert set(variants) == {"teacher", "student", "pruned", "pruned-float32", "pruned-int8", "narrow-int8"}
     for name, v in variants.items():
         for key in ("latency_ms_p50_b1", "latency_ms_p50_b32", "speedup_vs_float32_b1", "speedup_vs_float32_b32"):
             assert v[key] > 0, (name, key)
@@ -33,6 +34,7 @@ def test_every_variant_has_litert_latency_per_batch_speedup_and_macs(tmp_path, t
     # the 8-unit student has fewer MACs than the 32-unit teacher; a .tflite variant has its parent's
     assert variants["student"]["macs"] == 64 * 8 + 8 * 10 < variants["teacher"]["macs"] == 64 * 32 + 32 * 10
     assert variants["pruned-int8"]["macs"] == variants["pruned"]["macs"] == variants["student"]["macs"]
+    assert variants["narrow-int8"]["macs"] == 64 * 4 + 4 * 10  # half the student's 8 units removed
     # the float32 flatbuffer of the pruned model is its own baseline: the same graph, timed twice
     assert 0.5 < variants["pruned-float32"]["speedup_vs_float32_b32"] < 2.0
     assert variants["pruned"]["speedup_vs_float32_b32"] == 1.0
