@@ -111,13 +111,14 @@ def run(
         with locks.run_lock(root, if_busy, on_wait=lambda info: err.print(
                 f"[yellow]waiting:[/] {escape(locks.describe(info))} holds {root}; this run starts when it ends",
                 soft_wrap=True)):
-            # Only now, every check passed: from here on third-party output goes to the run log (and its
-            # path to the workers and `shrinkfleet stage`), on screen too with --verbose.
+            # Only now, every check passed: this may create the bucket and writes the DVC remote into
+            # .dvc/config, once the bucket answers (a run stopped here has written nothing).
+            _remote_storage(fleet, root)
+            # From here on third-party output goes to the run log (and its path to the workers and
+            # `shrinkfleet stage`), on screen too with --verbose.
             from shrinkfleet import runlog
 
             runlog.install(root / runlog.RUN_LOG, verbose, fresh=True)
-            # This may create the bucket and writes the DVC remote into .dvc/config.
-            _remote_storage(fleet, root)
             if use_dvc:
                 _sync_pipeline(root, params, fleet)
             where = (f"Dask at {run_cfg.dask_address}" if run_cfg.dask_address
