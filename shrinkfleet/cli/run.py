@@ -266,12 +266,13 @@ def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapse
             serving = (summary["models"][m].get("registry") or {}).get("serving")
             note = report.served_note(doc, serving, fleet.resolve(m).gate) if fleet is not None else ""
             if note:
-                console.print(note, highlight=False)
+                console.print(note, highlight=False, soft_wrap=True)
+    # One line per model, never wrapped (cron logs and tests read them whole; a terminal wraps them itself).
     for m in names:
         r = summary["models"][m]
         if r["status"] != "ok":
             console.print(f"[red]✗ {m}[/]: {r.get('failed_stage', '?')} failed: {r.get('error', 'not run')}",
-                          highlight=False)
+                          highlight=False, soft_wrap=True)
         else:
             ran = [s for s, st in r["stages"].items() if st == "ran"]
             why = f" ({r['reason']})" if ran and r.get("reason") else ""
@@ -279,9 +280,9 @@ def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapse
             reg = r.get("registry")
             if reg:
                 line += f"; production {'v' + reg['version'] if reg['version'] else 'unset'} ({reg['reason']})"
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, soft_wrap=True)
     from shrinkfleet import runlog
 
     console.print(f"Report: {summary['report']}   MLflow parent run: {summary['parent_run_id']}   "
-                  f"wall time {elapsed:.0f}s")
-    console.print(f"Libraries' warnings and progress: {root / runlog.RUN_LOG}", highlight=False)
+                  f"wall time {elapsed:.0f}s", soft_wrap=True)
+    console.print(f"Libraries' warnings and progress: {root / runlog.RUN_LOG}", highlight=False, soft_wrap=True)
