@@ -35,11 +35,19 @@ FORMAT = "%(asctime)s %(process)d %(levelname)-7s %(name)s: %(message)s"
 _handler: logging.FileHandler | None = None
 
 
+SCREEN = "shrinkfleet_screen"  # a record logged with ``extra={SCREEN: True}`` is shown whoever's logger it is
+
+
 class ScreenFilter(logging.Filter):
-    """Lets through a console handler shrinkfleet's own records and anyone's errors."""
+    """Lets through a console handler shrinkfleet's own records and anyone's errors.
+
+    Also a record marked ``extra={SCREEN: True}``: a stage's "attempt 1 of 3 failed; retrying"
+    goes through Prefect's run logger (so Prefect's UI has it) and must reach the screen too.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or record.name.split(".")[0] in OURS
+        return (record.levelno >= logging.ERROR or record.name.split(".")[0] in OURS
+                or bool(getattr(record, SCREEN, False)))
 
 
 class _LogWriter(io.TextIOBase):

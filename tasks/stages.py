@@ -78,8 +78,10 @@ def _say_retry(stage: str, target: str, exc: Exception) -> None:
         return
     attempt, retries = ctx.task_run.run_count, ctx.task.retries or 0
     if attempt <= retries:
+        from shrinkfleet.runlog import SCREEN
+
         get_run_logger().warning("%s@%s: attempt %d of %d failed (%s: %s); retrying", stage, target, attempt,
-                                 retries + 1, type(exc).__name__, exc)
+                                 retries + 1, type(exc).__name__, exc, extra={SCREEN: True})
 
 
 @task(name="prepare", task_run_name="prepare-{dataset}", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
