@@ -160,7 +160,7 @@ def test_05_lineage_links_resolve(nightly):
     (out,) = lock["stages"]["prepare-digits"]["outs"]
     assert info["dataset"]["dvc_md5"] == out["md5"]
     assert info["params_changed_from_defaults"]["prune.target_sparsity"] == "0.7"
-    text = nightly.run("lineage", f"{MODEL}:1")
+    text = " ".join(nightly.run("lineage", f"{MODEL}:1").split())  # (the lines wrap at the console's width)
     assert f"{MODEL} v1" in text and "digest sha256:" in text
 
 
@@ -184,7 +184,7 @@ def test_07_rollback_moves_production_and_is_recorded(nightly):
     out = nightly.run("rollback", MODEL, "--reason", "night 4 regressed on real traffic")
     assert "v2 -> v1" in out
     assert nightly.production() == "1"
-    history = nightly.run("history", MODEL)
+    history = " ".join(nightly.run("history", MODEL, "--wide").split())  # (the moves' reasons wrap)
     assert "rollback" in history and "night 4 regressed on real traffic" in history
     assert "rolled back" in history
 
