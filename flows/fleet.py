@@ -39,7 +39,7 @@ from shrinkfleet import registration as register
 from shrinkfleet.config import ConfigError, RunConfig, Snapshot, load_params, load_snapshot, select_models
 from shrinkfleet.pipeline import stage_name
 from shrinkfleet.workspace import Workspace
-from tasks.stages import TASKS, StageFailed, model_task, preload, retry_if_transient, worker_task
+from tasks.stages import TASKS, StageFailed, model_task, preload, stage_options, worker_task
 
 log = logging.getLogger("shrinkfleet")
 
@@ -324,6 +324,9 @@ class FleetRun:
         self.stage_cpu = 0.0  # CPU seconds the stages' work took in the workers, each stage once
         self.told: set[tuple[str, str]] = set()  # (model, stage) events already emitted
         self.devices: dict[str, str] = {}  # worker -> the GPUs it sees, or CPU
+        self.users: dict[str, list[str]] = {}  # dataset -> the selected models that read it, in fleet order
+        for m in names:
+            self.users.setdefault(self.fleet.models[m].dataset, []).append(m)
 
     # ------------------------------------------------------------------ the run
 
@@ -355,7 +358,7 @@ class FleetRun:
                     owners[future] = ("worker", str(n))
                     future.add_done_callback(done.put)
             for ds in to_prepare:
-                future = pools.submit(TASKS["prepare"].with_options(**self._prepare_options()),
+                future = pools.submit(TASKS["prepare"].with_options(**stage_options(self.fleet.run, gpu=False)),
                                       {"dataset": ds, **self.common}, model=False)
                 owners[future] = ("prepare", ds)
                 future.add_done_callback(done.put)
@@ -393,11 +396,6 @@ class FleetRun:
         return {"models": self.results, "report": str(path), "parent_run_id": parent_run_id,
                 "use_dvc": self.use_dvc, "trigger": self.trigger, "engine": self.run_cfg.engine}
 
-    def _prepare_options(self) -> dict[str, Any]:
-        """The prepare task's retries (a model task passes its stages theirs, see :func:`tasks.stages.model_task`)."""
-        return {"retries": self.fleet.run.retries, "retry_delay_seconds": self.fleet.run.retry_delay_seconds,
-                "retry_condition_fn": retry_if_transient}
-
     def _plan(self) -> tuple[dict[str, list[str]], list[str]]:
         """Each model's stages still to run, in order, and the datasets to prepare; the rest is reported skipped."""
         datasets = self.fleet.datasets_in_use(self.names)
@@ -419,9 +417,8 @@ class FleetRun:
         to_prepare = [ds for ds in datasets if stage_name("prepare", ds) not in skip]
         for ds in datasets:
             if ds not in to_prepare:
-                for m in self.names:
-                    if self.fleet.models[m].dataset == ds:
-                        self.results[m]["stages"]["prepare"] = "skipped"
+                for m in self.users[ds]:
+                    self.results[m]["stages"]["prepare"] = "skipped"
                 _emit({"stage": "prepare", "target": ds, "status": "skipped", "seconds": 0.0})
         return chains, to_prepare
 
@@ -448,9 +445,7 @@ class FleetRun:
                 left.append(m)
                 continue
             upstream = prepared[self.fleet.models[m].dataset]
-            params = {"model": m, "stages": chains[m], **self.common, "retries": self.fleet.run.retries,
-                      "retry_delay_seconds": self.fleet.run.retry_delay_seconds, "gpu": self.gpu,
-                      "progress": str(progress.path)}
+            params = {"model": m, "stages": chains[m], **self.common, "gpu": self.gpu, "progress": str(progress.path)}
             future = pools.submit(model_task, params, model=True, wait_for=[upstream] if upstream else None)
             if future is None:  # this pool took its share: the next one takes the rest
                 left.append(m)
@@ -462,7 +457,7 @@ class FleetRun:
     def _prepared(self, ds: str, ok: bool, value: Any, future: PrefectFuture,
                   prepared: dict[str, PrefectFuture | None]) -> list[str]:
         """A dataset's prepare task ended: its models, now ready (none when it failed)."""
-        users = [m for m in self.names if self.fleet.models[m].dataset == ds]
+        users = self.users[ds]
         if ok:
             self.stage_cpu += float(value.get("cpu_seconds", 0.0))
             for m in users:
@@ -706,8 +701,27 @@ def _run_fleet(params_file: Path, root: Path, models: list[str] | None, use_dvc:
     if not needs_prefect_run(params_file, root, models, use_dvc, force):
         discard_early()
         return fleet_flow.fn(**kwargs)
+    if locks.holds(root):
+        _set_up_tracking(params_file, root)
     with prefect_api():
         return fleet_flow(**kwargs)
+
+
+def _set_up_tracking(params_file: Path, root: Path) -> None:
+    """Create the fleet's MLflow store and experiment now, while the temporary Prefect server starts.
+
+    A first run's SQLite store takes about 2 s of CPU to create; done here, in a process that
+    would otherwise wait for the server, it does not compete with the workers loading TensorFlow
+    once the flow starts (the flow's own :func:`tracking.setup` then finds everything in place).
+    Only a process holding the workspace's run lock does this (the CLI), so two runs never
+    create the same store at once. A failure is left for the flow to meet and report.
+    """
+    try:
+        fleet = load_params(params_file)
+        location = remote.activate(fleet.storage)
+        tracking.setup(root, fleet.fleet, artifact_root=location.mlflow_url if location else None)
+    except Exception as exc:  # (the flow sets up tracking itself and reports the cause)
+        log.debug("MLflow not set up ahead of the flow: %s: %s", type(exc).__name__, exc)
 
 
 def needs_prefect_run(params_file: Path, root: Path, models: list[str] | None, use_dvc: bool, force: bool) -> bool:
@@ -715,21 +729,3 @@ def needs_prefect_run(params_file: Path, root: Path, models: list[str] | None, u
     from flows.server import configured_api
 
     return bool(configured_api()) or not use_dvc or force or not nothing_to_run(params_file, root, models)
-
-
-def launch_server_early(params_file: Path, root: Path, models: list[str] | None, use_dvc: bool,
-                        force: bool) -> None:
-    """Start the run's temporary Prefect server in the background now if the run will need one.
-
-    ``shrinkfleet run --no-dvc`` (or ``--force``) calls this before checking its inputs, so the
-    server's start-up (about 6 s) overlaps that work. With DVC, whether anything is to run is
-    DVC's answer (kept for :func:`run_fleet`, see :func:`_plan`). Any error here is left
-    for the checks that follow to report.
-    """
-    from flows.server import configured_api, launch_early
-
-    try:
-        if not configured_api() and needs_prefect_run(params_file, root, models, use_dvc, force):
-            launch_early()
-    except Exception as exc:  # (a broken project is reported by preflight, with its cause)
-        log.debug("no early Prefect server: %s: %s", type(exc).__name__, exc)

@@ -35,6 +35,11 @@ IF_BUSY = ("wait", "refuse")
 _held: set[Path] = set()
 
 
+def holds(root: Path) -> bool:
+    """Whether this process holds ``root``'s run lock (see :func:`run_lock`)."""
+    return root.resolve() in _held
+
+
 class WorkspaceBusy(RuntimeError):
     """Another fleet run holds the workspace and ``--if-busy refuse`` was asked for."""
 

@@ -27,7 +27,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from shrinkfleet.config import Snapshot
+from shrinkfleet.config import RunConfig, Snapshot
 from shrinkfleet.pipeline import STAGE_KINDS
 from tasks.common import execute, is_transient
 
@@ -143,6 +143,20 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
+def stage_options(run: RunConfig, gpu: bool = True) -> dict[str, Any]:
+    """The Prefect options every stage task of a run gets (``task.with_options(**...)``).
+
+    ``run.retries`` retries, ``run.retry_delay_seconds`` apart, of the failures
+    :func:`tasks.common.is_transient` allows; without ``gpu``, none of the training stages'
+    ``gpu`` tags (see :func:`flows.fleet.gpu_limit_exists`).
+    """
+    opts: dict[str, Any] = {"retries": run.retries, "retry_delay_seconds": run.retry_delay_seconds,
+                            "retry_condition_fn": retry_if_transient}
+    if not gpu:
+        opts["tags"] = set()
+    return opts
+
+
 def _tell(progress: str | None, event: dict[str, Any]) -> None:
     """Append one stage event to the run's progress file (one ``write`` of one line, so lines never interleave)."""
     if progress is None:
@@ -173,13 +187,13 @@ def worker_task(n: int) -> dict[str, Any]:
 
 @task(name="model", task_run_name="model-{model}", cache_policy=NO_CACHE)
 def model_task(model: str, stages: list[str], root: str, config: Snapshot, use_dvc: bool = True,
-               force: bool = False, retries: int = 2, retry_delay_seconds: float = 5, gpu: bool = True,
-               progress: str | None = None) -> dict[str, dict[str, Any]]:
+               force: bool = False, gpu: bool = True, progress: str | None = None) -> dict[str, dict[str, Any]]:
     """Run one model's ``stages`` in order, each a nested Prefect task of this one, in this worker.
 
-    Each stage is retried on transient failures (``retries`` times, ``retry_delay_seconds`` apart)
-    and carries the ``gpu`` tag when it trains and ``gpu`` is true. Every finished stage's result
-    is appended to ``progress`` (a JSON-lines file the flow reads for its progress events).
+    Each stage has the options of :func:`stage_options` (the retries of the run's ``run:``
+    settings in ``config``; the ``gpu`` tag when it trains and ``gpu`` is true). Every finished
+    stage's result is appended to ``progress`` (a JSON-lines file the flow reads for its
+    progress events).
 
     Returns:
         Every stage's result, by stage kind.
@@ -187,10 +201,7 @@ def model_task(model: str, stages: list[str], root: str, config: Snapshot, use_d
     Raises:
         StageFailed: a stage failed for good; the later ones did not run.
     """
-    opts: dict[str, Any] = {"retries": retries, "retry_delay_seconds": retry_delay_seconds,
-                            "retry_condition_fn": retry_if_transient}
-    if not gpu:
-        opts["tags"] = set()
+    opts = stage_options(config.fleet.run, gpu)
     done: dict[str, dict[str, Any]] = {}
     for stage in stages:
         try:

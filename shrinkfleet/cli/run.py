@@ -65,6 +65,16 @@ def run(
     if if_busy not in locks.IF_BUSY:
         _fail(f"--if-busy: {if_busy!r} is not a choice; one of: {', '.join(locks.IF_BUSY)}")
     root, params = _paths(root, params)
+    if no_dvc or force or not (root / "dvc.lock").exists():
+        # The run needs the temporary Prefect server (if no API is configured) whatever DVC says: it
+        # starts now, before this process loads the flow's modules (about 2 s), and comes up while the
+        # inputs are checked; a run that stops at the checks stops it unused. Without a dvc.lock no stage
+        # was ever recorded, so a first run has everything to do. (Otherwise only DVC can say whether
+        # anything is to run, and asking it writes under .dvc/tmp, which a run stopped by bad input must
+        # not do: that server starts when the run does.)
+        from flows.server import launch_early
+
+        launch_early()
     fleet = _load(params)
     run_cfg = _run_config(fleet, workers, engine, dask_address)
     wanted = [m.strip() for m in models.split(",") if m.strip()] if models else None
@@ -74,15 +84,6 @@ def run(
         names = select_models(fleet.model_names(), wanted)
     except ConfigError as exc:
         _fail(str(exc))
-    import flows.fleet as fleet_flow
-
-    if no_dvc or force or not (root / "dvc.lock").exists():
-        # The run needs the temporary Prefect server (if no API is configured) whatever DVC says: it
-        # comes up while the inputs are checked, and a run that stops at the checks stops it unused.
-        # Without a dvc.lock no stage was ever recorded, so a first run has everything to do. (Otherwise
-        # only DVC can say whether anything is to run, and asking it writes under .dvc/tmp, which a run
-        # stopped by bad input must not do: that server starts when the run does.)
-        fleet_flow.launch_server_early(params, root, names, False, force)
     problems = preflight(fleet, params, root, names)
     from shrinkfleet import versioning
 

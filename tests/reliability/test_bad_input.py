@@ -13,10 +13,12 @@ import gzip
 import hashlib
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
@@ -196,13 +198,28 @@ CASES = [
 def run_and_check_nothing_written(project: Path, expected: str, env: dict | None = None,
                                   prefix: tuple[str, ...] = ()) -> str:
     before = snapshot(project)
-    result = shrinkfleet_cmd("run", cwd=project, env={"SHRINKFLEET_S3_BUCKET": "", **(env or {})}, prefix=prefix)
+    mark = uuid.uuid4().hex  # inherited by every process the run starts (its temporary Prefect server too)
+    result = shrinkfleet_cmd("run", cwd=project, env={"SHRINKFLEET_S3_BUCKET": "", **(env or {}),
+                                                      "SHRINKFLEET_TEST_MARK": mark}, prefix=prefix)
     message = result.stderr
     assert result.returncode == 2, result.stdout + message
     assert expected in message, message
     assert "Traceback" not in message
     assert snapshot(project) == before, "the failed run wrote into the project"
+    assert not processes_marked(mark), "the failed run left processes running"
     return message
+
+
+def processes_marked(mark: str) -> list[str]:
+    """The command lines of the running processes whose environment holds ``SHRINKFLEET_TEST_MARK=mark``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.environ().get("SHRINKFLEET_TEST_MARK") == mark:
+                found.append(" ".join(proc.info["cmdline"] or []))
+        except psutil.Error:  # (gone meanwhile, or not ours to read)
+            continue
+    return found
 
 
 @pytest.mark.parametrize(("break_input", "expected"), CASES, ids=[case[0].__name__ for case in CASES])
