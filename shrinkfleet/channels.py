@@ -13,10 +13,22 @@ Algorithm (:func:`prune_channels`):
    activations other than softmax, dropout, pooling, padding/cropping, DepthwiseConv,
    Flatten) to the layers that *consume* the channels (Dense, Conv1D/2D with ``groups == 1``,
    SeparableConv1D/2D). If every path ends at a consumer, the candidate is pruned; if one
-   meets anything else — ``Add``/``Multiply``/``Concatenate`` (their branches must keep equal
-   widths), Reshape, a softmax (as a layer or as the candidate's own activation), a custom or
-   unknown layer, a nested model, a shared layer, or the model's output — the candidate is
-   kept at full width and listed with the reason.
+   meets anything else — ``Concatenate``, Reshape, a softmax (as a layer or as the
+   candidate's own activation), a custom or unknown layer, a nested model, a shared layer, or
+   the model's output — the candidate is kept at full width and listed with the reason.
+2b. *Equal-width groups*: the inputs of an element-wise merge (``Add``, ``Subtract``,
+   ``Multiply``, ``Average``, ``Maximum``, ``Minimum``) must keep the same channels, so the
+   layers that produce them are pruned together. Walking back from each merge input through
+   layers that keep channel ``i`` as channel ``i`` (BatchNorm, activations, pooling, a
+   depthwise layer with multiplier 1, ...) finds the layer that sets its channels; merges that
+   feed each other join one group (a residual stage of ResNet or MobileNetV2: the projection
+   convolutions of its blocks and its first block's input). A group is pruned only if every
+   member is a candidate of the same width, and the paths from every member and merge end at
+   consumers or at the group's own merges; otherwise every member is kept whole and listed
+   with the reason (for example an identity shortcut from the model input). A group ranks
+   channel ``j`` by the norm of all its members' kernel slices for ``j`` together (L1: their
+   sum; L2: the root of their summed squares), over each member's *full* kernel: a member's
+   inputs may depend on the group's own choice, so the restricted kernels are not known yet.
 3. Walking the layers in graph order, each tensor carries the original indices of the
    channels it still has. A candidate ranks its output units by the L1 or L2 norm of its
    kernel slice (over the inputs it still receives), keeps the top ``ceil(keep * n)`` (at
@@ -27,14 +39,16 @@ Algorithm (:func:`prune_channels`):
    ``p*C + c`` for every position ``p``; a consumer keeps the matching input slices of its kernel.
    Ranking uses the kernel restricted to the inputs the layer still receives (after upstream
    layers were pruned), since those are the weights the smaller model computes with. Ties
-   keep the earlier unit. ``keep`` as a dict names layers; layers not named keep all units.
+   keep the earlier unit. ``keep`` as a dict names layers; layers not named keep all units;
+   a group takes the largest fraction named for any of its members (all units if none is
+   named), so naming one member prunes its whole group.
 4. The new model is built with :func:`keras.models.clone_model` from the changed layer
    configs, and the kept weights are copied in. No fine-tuning happens here: the recipe step
    that calls this fine-tunes.
 
 Limits: channels-first layers, grouped convolutions and Conv3D are neither pruned nor
-followed; a residual network (MobileNetV2, ResNet) is pruned only in the layers whose output
-does not reach an ``Add`` — in MobileNetV2 that is the expansion convolutions of each block.
+followed; an element-wise merge fed by a reshape, a flatten, a depthwise layer with
+multiplier > 1, the model input or a layer it does not know keeps its group whole (listed).
 """
 
 from __future__ import annotations
@@ -68,6 +82,7 @@ class ChannelResult:
     kept: dict[str, list[int]] = field(default_factory=dict)
     total: dict[str, int] = field(default_factory=dict)
     full_width: dict[str, str] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, tuple[int, int]]:
         """Layer name -> (kept, total) units, for the pruned layers."""
@@ -144,8 +159,16 @@ def _graph(model: keras.Model):
     return order, producers, consumers, calls, outputs
 
 
-def _blocker(model, start, consumers, calls, outputs) -> str | None:
-    """Why ``start``'s channels cannot be removed, or None when every path ends at a consumer."""
+_MERGE = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
+
+
+def _blocker(model, start, consumers, calls, outputs, through=frozenset()) -> str | None:
+    """Why ``start``'s channels cannot be removed, or None when every path ends at a consumer.
+
+    Paths go on through the merges named in ``through`` (those of ``start``'s own group).
+    """
+    if start in outputs and start in through:
+        return f"{start!r} is an output of the model"
     stack = [start]
     seen = set()
     while stack:
@@ -162,15 +185,53 @@ def _blocker(model, start, consumers, calls, outputs) -> str | None:
                 return f"feeds the shared layer {nxt!r} ({kind})"
             if _is_consumer(layer):
                 continue
-            if _is_pass(layer):
+            if _is_pass(layer) or nxt in through:
                 stack.append(nxt)
                 continue
-            if isinstance(layer, (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)):
+            if isinstance(layer, _MERGE):
                 return f"feeds {nxt!r} ({kind}), whose inputs must keep equal widths"
             if isinstance(layer, L.Concatenate):
                 return f"feeds {nxt!r} (Concatenate), which is not followed"
             return f"feeds {nxt!r} ({kind}), which channel pruning does not follow"
     return None
+
+
+def _identity(layer) -> bool:
+    """Whether channel ``i`` of the layer's output is channel ``i`` of its single input."""
+    if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
+        return _is_pass(layer) and layer.depth_multiplier == 1
+    return _is_pass(layer) and not isinstance(layer, L.Flatten)
+
+
+def _source(model, name: str, producers, calls) -> str:
+    """The layer that sets the channels of ``name``'s output, walking back through :func:`_identity` layers."""
+    while True:
+        layer = model.get_layer(name)
+        if isinstance(layer, _MERGE) or not _identity(layer) or len(producers[name]) != 1 or calls.get(name, 1) > 1:
+            return name
+        name = producers[name][0]
+
+
+def _merge_groups(model, order, producers, calls) -> list[tuple[list[str], list[str]]]:
+    """(members, merges) of each equal-width group, both in graph order (module docstring, 2b)."""
+    parent: dict[str, str] = {}
+
+    def find(a: str) -> str:
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    merges = [n for n in order if isinstance(model.get_layer(n), _MERGE)]
+    for m in merges:
+        for p in producers[m]:
+            parent[find(_source(model, p, producers, calls))] = find(m)
+    comps: dict[str, tuple[list[str], list[str]]] = {}
+    for n in order:
+        if n in parent:
+            members, ms = comps.setdefault(find(n), ([], []))
+            (ms if n in merges else members).append(n)
+    return list(comps.values())
 
 
 def _keep_fraction(keep, name: str) -> float:
@@ -193,12 +254,20 @@ def _validate(model, keep, norm) -> None:
             raise ValueError(f"keep: no layer named {', '.join(map(repr, unknown))} in model {model.name!r}")
 
 
-def _rank(kernel: np.ndarray, n_keep: int, norm: str) -> np.ndarray:
+def _score(kernel: np.ndarray, norm: str) -> np.ndarray:
+    """Per output unit: the sum of |w| (l1) or of w**2 (l2, squared so group members add up)."""
     flat = kernel.reshape(-1, kernel.shape[-1])
-    score = np.abs(flat).sum(axis=0) if norm == "l1" else np.sqrt((flat ** 2).sum(axis=0))
+    return np.abs(flat).sum(axis=0) if norm == "l1" else (flat.astype(np.float64) ** 2).sum(axis=0)
+
+
+def _top(score: np.ndarray, n_keep: int) -> np.ndarray:
     # A stable sort keeps the earlier unit on ties, so keep=1.0 and equal norms are deterministic.
     top = np.argsort(-score, kind="stable")[:n_keep]
     return np.sort(top)
+
+
+def _rank(kernel: np.ndarray, n_keep: int, norm: str) -> np.ndarray:
+    return _top(_score(kernel, norm), n_keep)
 
 
 def prune_channels(model: keras.Model, keep: float | dict[str, float], norm: str = "l1") -> ChannelResult:
@@ -219,30 +288,77 @@ def prune_channels(model: keras.Model, keep: float | dict[str, float], norm: str
     order, producers, consumers, calls, outputs = _graph(src)
     result = ChannelResult(model=src)
 
-    candidates = set()
+    def kind(name: str) -> str:
+        return type(src.get_layer(name)).__name__
+
+    def weighted(layer) -> bool:  # a Dense or plain convolution, the layers that can lose units
+        return isinstance(layer, (L.Dense, L.Conv1D, L.Conv2D)) and not isinstance(
+            layer, (L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D, L.SeparableConv2D,
+                    L.Conv1DTranspose, L.Conv2DTranspose))
+
+    def refusal(name: str) -> str | None:  # why a weighted layer cannot lose units, paths aside
+        layer = src.get_layer(name)
+        if name in outputs:
+            return "an output of the model (outputs are never pruned)"
+        if layer.get_config().get("activation") in ("softmax", "log_softmax"):
+            return "a softmax over its units (removing one changes the others)"
+        if not _is_consumer(layer):
+            return "grouped or channels-first convolution"
+        if calls.get(name, 1) > 1:
+            return "shared layer (called more than once)"
+        return None
+
+    candidates: set[str] = set()
+    group_kept: dict[str, np.ndarray] = {}
+    grouped: set[str] = set()
+    for members, merges in _merge_groups(src, order, producers, calls):
+        grouped.update(members)
+        named = [_keep_fraction(keep, m) for m in members if not isinstance(keep, dict) or m in keep]
+        fraction = max(named) if named else 1.0
+        if fraction >= 1.0:
+            continue
+        reason = next((f"{m!r} is a shared layer" for m in merges if calls.get(m, 1) > 1), None)
+        for m in members:
+            if reason:
+                break
+            if not weighted(src.get_layer(m)):
+                reason = f"{m!r} ({kind(m)}) sets channels that cannot be removed"
+            elif (why := refusal(m)) is not None:
+                reason = f"{m!r} is {why}"
+        widths = {src.get_layer(m).get_weights()[0].shape[-1] for m in members if weighted(src.get_layer(m))}
+        if reason is None and len(widths) > 1:
+            reason = f"its members have different widths ({', '.join(map(str, sorted(widths)))})"
+        for n in (*members, *merges):
+            if reason is None and (why := _blocker(src, n, consumers, calls, outputs, frozenset(merges))):
+                reason = f"{n!r}: {why}"
+        if reason is not None:
+            label = ", ".join(f"{m!r} ({kind(m)})" for m in merges)
+            for m in members:
+                if weighted(src.get_layer(m)):
+                    result.full_width[m] = (f"feeds {label}, whose inputs keep equal widths; "
+                                            f"its group is kept whole: {reason}")
+            continue
+        score = sum(_score(src.get_layer(m).get_weights()[0], norm) for m in members)
+        kept = _top(score, max(1, math.ceil(fraction * len(score))))
+        for m in members:
+            group_kept[m] = kept
+        candidates.update(members)
+        result.groups[members[0]] = list(members)
+
     for name in order:
         layer = src.get_layer(name)
-        if not isinstance(layer, (L.Dense, L.Conv1D, L.Conv2D)) or isinstance(
-                layer, (L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D, L.SeparableConv2D,
-                        L.Conv1DTranspose, L.Conv2DTranspose)):
+        if not weighted(layer) or name in grouped:
             continue
         if name in outputs:
-            result.full_width[name] = "an output of the model (outputs are never pruned)"
+            result.full_width[name] = refusal(name)
             continue
         if _keep_fraction(keep, name) >= 1.0:
             continue
-        if layer.get_config().get("activation") in ("softmax", "log_softmax"):
-            result.full_width[name] = "a softmax over its units (removing one changes the others)"
-        elif not _is_consumer(layer):
-            result.full_width[name] = "grouped or channels-first convolution"
-        elif calls.get(name, 1) > 1:
-            result.full_width[name] = "shared layer (called more than once)"
+        reason = refusal(name) or _blocker(src, name, consumers, calls, outputs)
+        if reason:
+            result.full_width[name] = reason
         else:
-            reason = _blocker(src, name, consumers, calls, outputs)
-            if reason:
-                result.full_width[name] = reason
-            else:
-                candidates.add(name)
+            candidates.add(name)
 
     # idx[name]: original indices of the channels of ``name``'s output, or None when all are there.
     idx: dict[str, np.ndarray | None] = {}
@@ -251,11 +367,15 @@ def prune_channels(model: keras.Model, keep: float | dict[str, float], norm: str
     for name in order:
         layer = src.get_layer(name)
         ins = [idx.get(p) for p in producers[name]]
-        in_idx = ins[0] if len(ins) == 1 else None
-        if any(i is not None for i in ins) and not (_is_consumer(layer) or _is_pass(layer)):
+        merge = isinstance(layer, _MERGE)
+        in_idx = ins[0] if len(ins) == 1 or merge else None
+        if any(i is not None for i in ins) and not (_is_consumer(layer) or _is_pass(layer) or merge):
             raise AssertionError(f"channel pruning reached {name!r}, which it does not follow")  # _blocker guards
+        if merge and any((a is None) != (in_idx is None) or (a is not None and not np.array_equal(a, in_idx))
+                         for a in ins):
+            raise AssertionError(f"the inputs of {name!r} kept different channels")  # the groups guard
         w = layer.get_weights()
-        out_idx = in_idx if _is_pass(layer) else None
+        out_idx = in_idx if _is_pass(layer) or merge else None
         if _is_consumer(layer) and isinstance(layer, (L.SeparableConv1D, L.SeparableConv2D)):
             if in_idx is not None:
                 mult = layer.depth_multiplier
@@ -267,7 +387,8 @@ def prune_channels(model: keras.Model, keep: float | dict[str, float], norm: str
             if name in candidates:
                 total = kernel.shape[-1]
                 n_keep = max(1, math.ceil(_keep_fraction(keep, name) * total))
-                kept = _rank(kernel, n_keep, norm)
+                kept = group_kept[name] if name in group_kept else _rank(kernel, n_keep, norm)
+                n_keep = len(kept)
                 w = [kernel[..., kept], *(b[kept] for b in w[1:])]
                 cfg = layer.get_config()
                 cfg["units" if isinstance(layer, L.Dense) else "filters"] = int(n_keep)

@@ -54,12 +54,17 @@ def magnitude_prunable(layer: keras.layers.Layer) -> bool:
 
 
 def prunable_layers(model: keras.Model, method: str) -> list[str]:
-    """The layers ``method`` can prune, in graph order."""
+    """The layers ``method`` can prune, in graph order.
+
+    For ``channels``, a group of layers pruned together (they feed one Add) is listed once, by
+    its first member: naming it prunes the whole group (:func:`shrinkfleet.channels.prune_channels`).
+    """
     if method == "prune":
         return [layer.name for layer in model.layers if magnitude_prunable(layer)]
     if method == "channels":
-        pruned = prune_channels(model, 0.5).kept
-        return [layer.name for layer in model.layers if layer.name in pruned]
+        result = prune_channels(model, 0.5)
+        later = {m for members in result.groups.values() for m in members[1:]}
+        return [layer.name for layer in model.layers if layer.name in result.kept and layer.name not in later]
     raise ValueError(f"sensitivity method must be one of {', '.join(METHODS)}, got {method!r}")
 
 

@@ -105,7 +105,8 @@ def channel_prune(model: keras.Model, cfg: ChannelsConfig, data: Prepared, seed:
 
     Returns:
         The fine-tuned smaller model, and what was done: ``keep`` (a fraction or a per-layer
-        dict), ``kept`` (layer -> [kept, total]), ``full_width`` (layer -> why), ``macs_before``,
+        dict), ``kept`` (layer -> [kept, total]), ``full_width`` (layer -> why), ``groups``
+        (first member -> the layers pruned together because they feed one Add), ``macs_before``,
         ``macs_after`` and, for ``auto``, the ``sensitivity`` rows.
 
     Raises:
@@ -139,7 +140,7 @@ def channel_prune(model: keras.Model, cfg: ChannelsConfig, data: Prepared, seed:
     if cfg.epochs:
         _fit(pruned, zoo.output_kind(base), data, cfg.epochs, cfg.batch_size, cfg.learning_rate, seed)
     info.update(keep=keep, kept={k: list(v) for k, v in result.summary().items()}, full_width=result.full_width,
-                macs_before=macs_before, macs_after=count_macs(pruned))
+                groups=result.groups, macs_before=macs_before, macs_after=count_macs(pruned))
     return pruned, info
 
 

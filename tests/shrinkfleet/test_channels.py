@@ -57,7 +57,7 @@ def _inputs(model: keras.Model, n: int = 6) -> np.ndarray:
     return np.random.default_rng(1).normal(size=(n, *model.input_shape[1:])).astype("float32")
 
 
-def _zero_removed(model: keras.Model, result) -> keras.Model:
+def _zero_removed(model: keras.Model, result, follow: dict[str, list[str]] | None = None) -> keras.Model:
     """A copy of ``model`` whose removed units output exactly 0, which every layer after them keeps 0.
 
     A removed filter's kernel and bias are zeroed; a BatchNorm after it gets beta = moving mean = 0
@@ -66,7 +66,7 @@ def _zero_removed(model: keras.Model, result) -> keras.Model:
     """
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    follow = {"c1": ["bn1", "dw", "bn2"]}
+    follow = {"c1": ["bn1", "dw", "bn2"]} if follow is None else follow
     for name, kept in result.kept.items():
         removed = np.setdiff1d(np.arange(result.total[name]), kept)
         kernel, bias = copy.get_layer(name).get_weights()
@@ -140,22 +140,79 @@ def test_the_input_model_is_not_modified():
     assert model.get_layer("c1").filters == 8
 
 
-def test_residual_add_keeps_its_branches_full_width_and_lists_them():
-    reset(0)
+def residual() -> keras.Model:
+    """Two residual blocks in one stage (BatchNorm and ReLU after the Add), then a Dense head."""
     inputs = keras.Input((8, 8, 3))
+    x = L.ReLU(name="r0")(L.BatchNormalization(name="bn0")(L.Conv2D(8, 3, padding="same", name="c0")(inputs)))
+    y = L.ReLU(name="r1")(L.Conv2D(6, 3, padding="same", name="c1")(x))
+    y = L.BatchNormalization(name="bn2")(L.Conv2D(8, 1, name="c2")(y))
+    x = L.ReLU(name="r2")(L.Add(name="add1")([x, y]))
+    y = L.Conv2D(8, 3, padding="same", activation="relu", name="c3")(x)
+    y = L.Conv2D(8, 1, name="c4")(y)
+    x = L.Add(name="add2")([x, y])
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, L.Dense(3, name="out")(x))
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_residual_stage_prunes_the_layers_feeding_its_adds_together(norm):
+    """The Adds' inputs keep one channel set: c0, c2 and c4 lose the same filters, c1 and c3 their own."""
+    reset(0)
+    model = _randomise(residual())
+    result = prune_channels(model, keep=0.5, norm=norm)
+    assert result.groups == {"c0": ["c0", "c2", "c4"]}
+    assert result.full_width == {"out": "an output of the model (outputs are never pruned)"}
+    assert result.kept["c0"] == result.kept["c2"] == result.kept["c4"]
+    assert result.summary() == {"c0": (4, 8), "c1": (3, 6), "c2": (4, 8), "c3": (4, 8), "c4": (4, 8)}
+    # Ranked by the group's summed norms: not simply c0's own order.
+    scores = [np.abs(model.get_layer(n).get_weights()[0]).reshape(-1, 8).sum(0) if norm == "l1" else
+              (model.get_layer(n).get_weights()[0].reshape(-1, 8) ** 2).sum(0) for n in ("c0", "c2", "c4")]
+    assert result.kept["c0"] == sorted(np.argsort(-sum(scores), kind="stable")[:4].tolist())
+    zeroed = _zero_removed(model, result, {"c0": ["bn0"], "c2": ["bn2"]})
+    x = _inputs(model)
+    expected = zeroed.predict(x, verbose=0)
+    assert not np.allclose(expected, model.predict(x, verbose=0), atol=1e-3)
+    np.testing.assert_allclose(result.model.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-4)
+    assert count_macs(result.model) < 0.5 * count_macs(model)
+
+
+def test_naming_one_member_of_a_group_prunes_the_whole_group():
+    reset(0)
+    model = _randomise(residual())
+    result = prune_channels(model, keep={"c2": 0.5})
+    assert result.summary() == {"c0": (4, 8), "c2": (4, 8), "c4": (4, 8)}
+    assert prune_channels(model, keep={"c2": 0.5, "c4": 0.75}).summary()["c0"] == (6, 8)  # the largest named
+
+
+def test_an_identity_shortcut_from_the_input_keeps_its_group_whole_and_says_why():
+    reset(0)
+    inputs = keras.Input((8, 8, 6))
     x = L.Conv2D(8, 3, padding="same", activation="relu", name="a")(inputs)
     y = L.Conv2D(6, 3, padding="same", name="b")(x)
-    shortcut = L.Conv2D(6, 1, name="c")(inputs)
-    x = L.Add(name="add")([y, shortcut])
+    x = L.Add(name="add")([inputs, y])
     x = L.GlobalAveragePooling2D(name="gap")(x)
     model = _randomise(keras.Model(inputs, L.Dense(3, name="out")(x)))
     result = prune_channels(model, keep=0.5)
     x = _inputs(model)
     assert result.model.predict(x, verbose=0).shape == (len(x), 3)
-    assert set(result.full_width) == {"b", "c", "out"}
-    assert "'add' (Add)" in result.full_width["b"]
-    assert result.summary() == {"a": (4, 8)}
+    assert set(result.full_width) == {"b", "out"}
+    assert "'add' (Add)" in result.full_width["b"] and "(InputLayer)" in result.full_width["b"]
+    assert result.summary() == {"a": (4, 8)} and result.groups == {}
     assert count_macs(result.model) < count_macs(model)
+
+
+def test_a_merge_fed_through_a_flatten_is_not_grouped():
+    reset(0)
+    inputs = keras.Input((4, 4, 2))
+    a = L.Flatten(name="flat")(L.Conv2D(3, 1, name="conv")(inputs))
+    b = L.Dense(48, name="dense")(L.Flatten(name="flat_in")(inputs))
+    x = L.Add(name="add")([a, b])
+    model = _randomise(keras.Model(inputs, L.Dense(2, name="out")(x)))
+    result = prune_channels(model, keep=0.5)
+    assert result.kept == {}
+    assert "'add' (Add)" in result.full_width["conv"] and "'add' (Add)" in result.full_width["dense"]
+    x = _inputs(model)
+    np.testing.assert_allclose(result.model.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
 
 
 def test_concatenate_and_model_outputs_are_not_followed():
@@ -198,9 +255,11 @@ def test_mobilenetv2_survives_half_the_channels():
     x = _inputs(model, 2)
     assert result.model.predict(x, verbose=0).shape == (2, 10)
     assert count_macs(result.model) < count_macs(model)
-    adds = [reason for reason in result.full_width.values() if "(Add)" in reason]
-    assert adds and "block_1_project" in result.full_width
-    assert "block_1_expand" in result.kept
+    assert set(result.full_width) == {"predictions"}
+    assert result.groups["block_1_project"] == ["block_1_project", "block_2_project"]
+    assert result.kept["block_13_project"] == result.kept["block_15_project"]
+    assert "block_1_expand" in result.kept and "Conv1" in result.kept
+    assert count_macs(result.model) < 0.4 * count_macs(model)
 
 
 @pytest.mark.parametrize(("keep", "norm", "message"), [

@@ -233,8 +233,8 @@ def test_auto_pruning_and_channels_recipes_through_the_prune_and_compress_stages
     assert set(levels) == {"dense_0", "logits"} and all(0 <= v < 1 for v in levels.values())
 
 
-def test_channels_step_on_a_residual_cnn_keeps_the_add_whole_and_converts_to_int8(digits):
-    """Conv + BatchNorm + a residual Add: the Add's branches keep their width (listed), the rest is cut,
+def test_channels_step_on_a_residual_cnn_prunes_the_add_group_and_converts_to_int8(digits):
+    """Conv + BatchNorm + a residual Add: the Add's two inputs lose the same filters, the rest is cut,
     and the smaller model converts to full-integer int8 with the same output shape."""
     from shrinkfleet.config import ChannelsConfig
     from shrinkfleet.evaluation import to_tflite
@@ -251,8 +251,9 @@ def test_channels_step_on_a_residual_cnn_keeps_the_add_whole_and_converts_to_int
     h = L.Dense(24, activation="relu", name="dense")(L.Flatten()(L.MaxPooling2D()(h)))
     model = keras.Model(x, L.Dense(10, name="logits")(h))
     pruned, info = channel_prune(model, ChannelsConfig(keep=0.5, epochs=1), digits, seed=0)
-    assert set(info["kept"]) == {"conv_b", "dense"}
-    assert {"conv_a", "conv_r", "logits"} <= set(info["full_width"])
+    assert set(info["kept"]) == {"conv_a", "conv_r", "conv_b", "dense"}
+    assert info["groups"] == {"conv_a": ["conv_a", "conv_r"]} and info["kept"]["conv_a"] == [8, 16]
+    assert set(info["full_width"]) == {"logits"}
     assert count_macs(pruned) < count_macs(model) and pruned.count_params() < model.count_params()
     tfl = TFLiteModel(to_tflite(pruned, "int8", digits.train.x[:50]))
     assert tfl.predict(digits.test.x[:7]).shape == (7, 10)
