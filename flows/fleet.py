@@ -537,7 +537,8 @@ class FleetRun:
         # What production serves now (the report and plots mark it), read once, here, after the move.
         result["served"] = report.served_variants([model]).get(model)
         # Its plots are drawn now, while the workers train the others; the report at the end reuses them.
-        plotter.submit(_draw_model_plots, self.ws, model, result["served"], self.fleet.resolve(model).gate.model_dump())
+        plotter.submit(_draw_model_plots, self.ws, model, result["served"], self.fleet.resolve(model).gate.model_dump(),
+                       self.fleet.report.pareto_x)
 
     def _report(self, experiment_id: str, parent_run_id: str, tags: dict[str, str], started: dt.datetime) -> Path:
         import mlflow
@@ -565,7 +566,7 @@ class FleetRun:
                                    trends=report.trends_from_mlflow(experiment_id, names),
                                    served={m: results[m]["served"] for m in docs if results[m].get("served")},
                                    gates={m: self.fleet.resolve(m).gate.model_dump() for m in docs},
-                                   moves=_manual_moves(names))
+                                   moves=_manual_moves(names), pareto_x=self.fleet.report.pareto_x)
         mlflow.log_artifacts(str(path.parent), artifact_path="report")
         if self.devices:  # (the workers that answered at the start: "host:pid=GPU:0" or "host:pid=CPU")
             mlflow.set_tag("shrinkfleet.worker_devices", " ".join(f"{w}={d}" for w, d in sorted(self.devices.items())))
@@ -586,10 +587,10 @@ def _manual_moves(names: list[str]) -> Any:
 
 
 def _draw_model_plots(ws: Workspace, model: str, served: dict[str, Any] | None = None,
-                      gate: dict[str, Any] | None = None) -> None:
+                      gate: dict[str, Any] | None = None, pareto_x: str = "coded_bytes") -> None:
     """A finished model's plots, ahead of the report (which draws them itself, and says why, if this could not)."""
     try:
-        report.model_plots(ws, model, report.load_metrics(ws, [model])[model], served, gate)
+        report.model_plots(ws, model, report.load_metrics(ws, [model])[model], served, gate, pareto_x=pareto_x)
     except Exception as exc:  # (the report draws it again, and says there what went wrong)
         log.debug("%s: plots not drawn ahead of the report: %s: %s", model, type(exc).__name__, exc)
 

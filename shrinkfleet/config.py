@@ -564,6 +564,16 @@ STORAGE_ENV_FALLBACK: dict[str, tuple[str, ...]] = {
 }
 
 
+class ReportConfig(_Strict):
+    """What the run's report draws."""
+
+    pareto_x: Literal["coded_bytes", "latency", "macs"] = Field(
+        "coded_bytes", description="The Pareto plot's x axis: coded_bytes (entropy-coded flatbuffer), latency "
+        "(median LiteRT latency at each model's gate.latency_batch) or macs; the table's Pareto front (*) "
+        "stays the coded bytes'."
+    )
+
+
 class StorageConfig(_Strict):
     """Remote storage on S3 or an S3-compatible store (MinIO): the DVC remote and MLflow's artifacts.
 
@@ -747,6 +757,7 @@ class FleetConfig(_Strict):
     search: SearchConfig = SearchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
+    report: ReportConfig = ReportConfig()
     storage: StorageConfig = StorageConfig()
     datasets: dict[str, DatasetSpec] = Field(description="Datasets by name.")
     models: dict[str, ModelSpec] = Field(description="The fleet: models by name.")

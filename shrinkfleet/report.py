@@ -5,7 +5,7 @@ Written after every run, and rebuilt from MLflow at any time by ``shrinkfleet re
 
     reports/fleet.md                 table (production marked), registry, failures, fronts, plots
     reports/fleet.html               the same, self-contained (plots embedded)
-    reports/plots/<model>-pareto.png     accuracy vs coded bytes (log scale), front, served variant, gate limit
+    reports/plots/<model>-pareto.png     accuracy vs coded bytes (or report.pareto_x), front, served variant, gate limit
     reports/plots/<model>-waterfall.png  bytes from teacher to student, pruned, the served flatbuffer, coded
     reports/plots/<model>-trend.png      production accuracy and bytes over the last runs, manual moves
     reports/variants.csv, trends.csv     the plotted data
@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from shrinkfleet.metrics import metric_names, pareto_front, quality
+from shrinkfleet.metrics import COST_METRICS, PER_BATCH, metric_names, pareto_front, quality
 from shrinkfleet.storage import atomic_path, atomic_write_text
 from shrinkfleet.workspace import Workspace
 
@@ -177,22 +177,51 @@ _OFFSETS = [(dx * r, dy * r) for r in (5, 14, 26, 40)
             for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1.3), (0, -1.6), (1.2, 0), (-1.2, 0))]
 
 
+PARETO_X = ("coded_bytes", "latency", "macs")
+
+
+def pareto_axis(doc: dict[str, Any]) -> tuple[str, str, str]:
+    """(metric, axis label, title word) of the Pareto plot's x axis, from ``doc["pareto_x"]`` (report.pareto_x).
+
+    ``latency`` is the median LiteRT latency at the gate's ``latency_batch`` (what the gate's
+    latency limit and objective read); a document whose variants lack the metric (written by an
+    older version, or a variant that was not timed) falls back to coded bytes.
+    """
+    kind = doc.get("pareto_x") or "coded_bytes"
+    if kind == "latency":
+        batch = int((doc.get("gate") or {}).get("latency_batch") or 1)
+        metric, label = f"latency_ms_p50_b{batch}", f"median LiteRT latency at batch {batch} (ms, log scale)"
+        word = f"latency (batch {batch})"
+    elif kind == "macs":
+        metric, label, word = "macs", "multiply-accumulates per example (log scale)", "MACs"
+    else:
+        return "coded_bytes", "coded bytes (entropy-coded flatbuffer, log scale)", "coded bytes"
+    if all(isinstance(v.get(metric), (int, float)) and v[metric] > 0 for v in doc["variants"].values()):
+        return metric, label, word
+    return "coded_bytes", "coded bytes (entropy-coded flatbuffer, log scale)", "coded bytes"
+
+
 def pareto_figure(doc: dict[str, Any]) -> Any:
     """The Pareto plot's figure: every variant a point; the front, its line and the served variant labelled.
 
     ``doc`` is a metrics document, optionally with ``served`` (the variant production serves,
-    drawn as a star) and ``gate`` (the gate's settings: its accuracy or error limit is drawn as a
-    dashed line, ``max_size_bytes`` as a vertical one). Only the front and the served variant are
-    labelled, each label placed where it overlaps no other (the rest are dots: the table has them).
-    The accuracy axis ends at 100%.
+    drawn as a star), ``gate`` (the gate's settings: its accuracy or error limit is drawn as a
+    dashed line, the limit on the x axis' metric as a vertical one) and ``pareto_x`` (the x axis,
+    :func:`pareto_axis`; on latency or MACs the front drawn is the one over that cost, while the
+    table's front stays the coded bytes'). Only the front and the served variant are labelled,
+    each label placed where it overlaps no other (the rest are dots: the table has them). The
+    accuracy axis ends at 100%.
     """
     plt = _pyplot()
+    metric, xlabel, xword = pareto_axis(doc)
 
     def size(v: dict[str, Any]) -> float:
-        return v.get("coded_bytes", v["size_bytes"])
+        return v.get("coded_bytes", v["size_bytes"]) if metric == "coded_bytes" else v[metric]
 
     fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=100)
     front = doc.get("pareto_front", [])
+    if metric != "coded_bytes":
+        front = pareto_front({n: (quality(v), size(v)) for n, v in doc["variants"].items()})
     served = doc.get("served")
     regression = "mae" in doc["variants"]["teacher"]
 
@@ -219,17 +248,19 @@ def pareto_figure(doc: dict[str, Any]) -> Any:
     elif gate and not regression and gate.get("max_accuracy_drop") is not None:
         ax.axhline((teacher["accuracy"] - gate["max_accuracy_drop"]) * 100, color="tab:green", ls="--", lw=1,
                    label=f"gate: {gate['max_accuracy_drop'] * 100:.1f} pts below the teacher")
-    if gate.get("max_size_bytes"):
-        ax.axvline(gate["max_size_bytes"], color="tab:green", ls=":", lw=1, label="gate: max_size_bytes")
+    limit = {"coded_bytes": "max_size_bytes", "macs": "max_macs"}.get(metric, "max_latency_ms_p50")
+    if gate.get(limit):
+        ax.axvline(gate[limit], color="tab:green", ls=":", lw=1, label=f"gate: {limit}")
     ax.set_xscale("log")
-    _byte_ticks(ax.xaxis)
+    if metric == "coded_bytes":
+        _byte_ticks(ax.xaxis)
     if not regression:
         bottom, top = ax.get_ylim()
         ax.set_ylim(bottom, min(top, 100.0))
-    ax.set_xlabel("coded bytes (entropy-coded flatbuffer, log scale)")
+    ax.set_xlabel(xlabel)
     what = "MAE" if regression else "accuracy"
     ax.set_ylabel("test MAE (label units)" if regression else "test accuracy (%)")
-    ax.set_title(f"{doc['model']}: {what} vs coded size (squares: Keras, red: Pareto front)", y=1.0)
+    ax.set_title(f"{doc['model']}: {what} vs {xword} (squares: Keras, red: Pareto front)", y=1.0)
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right" if regression else "lower right", fontsize=8)
@@ -523,6 +554,7 @@ def docs_from_mlflow(experiment_id: str, models: list[str] | None = None, since:
                 continue
             variants[tags["shrinkfleet.variant"]] = {
                 **{k: metrics[k] for k in metric_names(task)},
+                **{k: v for k, v in metrics.items() if k in COST_METRICS or k.startswith(PER_BATCH)},
                 "format": tags.get("shrinkfleet.format", ""), "recipe": tags.get("shrinkfleet.recipe", ""),
                 "parent": tags.get("shrinkfleet.parent_variant") or None, "path": tags.get("shrinkfleet.artifact", ""),
             }
@@ -590,23 +622,26 @@ def moves_from_registry(models: list[str]) -> pd.DataFrame:
 
 
 def plot_doc(doc: dict[str, Any], served: dict[str, Any] | None = None,
-             gate: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``doc`` with what its plots also show: the variant production serves here, and the gate's settings."""
-    return {**doc, "served": served_here(doc, served), "gate": gate or {}}
+             gate: dict[str, Any] | None = None, pareto_x: str = "coded_bytes") -> dict[str, Any]:
+    """``doc`` with what its plots also show: the variant production serves here, the gate's
+    settings and the Pareto plot's x axis (``report.pareto_x``)."""
+    return {**doc, "served": served_here(doc, served), "gate": gate or {}, "pareto_x": pareto_x}
 
 
 def model_plots(ws: Workspace, model: str, doc: dict[str, Any], served: dict[str, Any] | None = None,
-                gate: dict[str, Any] | None = None, plot_dir: Path | None = None) -> tuple[Path, Path]:
+                gate: dict[str, Any] | None = None, plot_dir: Path | None = None,
+                pareto_x: str = "coded_bytes") -> tuple[Path, Path]:
     """Draw ``<plot_dir>/<model>-pareto.png`` and ``-waterfall.png`` unless they show ``doc`` already.
 
     The fleet flow calls this as each model finishes (with what production serves and the
     model's gate), so :func:`write_report` at the end of the run finds them current and only
-    writes the pages. ``plot_dir`` defaults to ``reports/plots``.
+    writes the pages. ``plot_dir`` defaults to ``reports/plots``; ``pareto_x`` is the Pareto
+    plot's x axis (:func:`pareto_axis`).
     """
     plot_dir = plot_dir or ws.reports / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     pareto_png, waterfall_png = plot_dir / f"{model}-pareto.png", plot_dir / f"{model}-waterfall.png"
-    shown = plot_doc(doc, served, gate)
+    shown = plot_doc(doc, served, gate, pareto_x)
     _plot_if_changed(plot_model, shown, pareto_png)
     _plot_if_changed(plot_waterfall, shown, waterfall_png)
     return pareto_png, waterfall_png
@@ -648,7 +683,7 @@ def write_report(ws: Workspace, docs: dict[str, dict[str, Any]], failures: dict[
                  header: dict[str, str], outcomes: dict[str, dict[str, Any]] | None = None,
                  trends: pd.DataFrame | None = None, *, served: dict[str, dict[str, Any]] | None = None,
                  gates: dict[str, dict[str, Any]] | None = None, moves: pd.DataFrame | None = None,
-                 out: Path | None = None) -> Path:
+                 out: Path | None = None, pareto_x: str = "coded_bytes") -> Path:
     """Write fleet.md and fleet.html (table, registry, failures, fronts, plots); return the .md path.
 
     Args:
@@ -659,6 +694,7 @@ def write_report(ws: Workspace, docs: dict[str, dict[str, Any]], failures: dict[
         moves: :func:`moves_from_registry`'s table: manual promotes and rollbacks on the trends.
         out: the folder (default ``reports/``, the run's report, which also writes the
             ``metrics/summary`` files and the CSVs ``dvc plots`` reads); plots go to ``out/plots``.
+        pareto_x: the Pareto plots' x axis (``report.pareto_x``, :func:`pareto_axis`).
     """
     outcomes, served, gates = outcomes or {}, served or {}, gates or {}
     out = out or ws.reports
@@ -676,8 +712,10 @@ def write_report(ws: Workspace, docs: dict[str, dict[str, Any]], failures: dict[
         if not any(stale.name.startswith(f"{m}-") for m in docs):
             stale.unlink()
     for model, doc in docs.items():
-        pareto_png, waterfall_png = model_plots(ws, model, doc, served.get(model), gates.get(model), plot_dir)
-        plots.append((model, "accuracy vs coded bytes", pareto_png))
+        pareto_png, waterfall_png = model_plots(ws, model, doc, served.get(model), gates.get(model), plot_dir,
+                                                pareto_x)
+        word = pareto_axis(plot_doc(doc, None, gates.get(model), pareto_x))[2]
+        plots.append((model, f"{'MAE' if 'mae' in doc['variants']['teacher'] else 'accuracy'} vs {word}", pareto_png))
         plots.append((model, "bytes from teacher to the served variant", waterfall_png))
         if trends is not None and (trends["model"] == model).sum() >= 2:
             trend_png = plot_dir / f"{model}-trend.png"

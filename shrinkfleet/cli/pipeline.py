@@ -207,7 +207,7 @@ def report(
         "latest run": times.shown(latest), "window": since or "all runs",
         "models": ", ".join(docs)}, outcomes={m: {"gate": verdicts[m]} for m in docs}, trends=trends,
         served=served, gates={m: fleet.resolve(m).gate.model_dump() for m in docs},
-        moves=rep.moves_from_registry(list(docs)), out=folder)
+        moves=rep.moves_from_registry(list(docs)), out=folder, pareto_x=fleet.report.pareto_x)
     from shrinkfleet.cli.run import variant_rows
 
     header, rows = variant_rows(docs, verdicts, {m: rep.served_here(d, served.get(m)) for m, d in docs.items()}, wide)

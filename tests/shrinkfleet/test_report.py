@@ -182,6 +182,45 @@ def test_only_the_front_and_the_served_variant_are_labelled():
     assert "pruned-int8" in {t.get_text() for t in report.pareto_figure(served).axes[0].texts}
 
 
+def _costed() -> dict:
+    """_doc() with MACs and batch-32 latency: pruned-int8 is the fastest, teacher the only one above 1M MACs."""
+    doc = _doc()
+    costs = {"teacher": (1_200_000, 0.9), "student": (150_000, 0.30), "pruned": (150_000, 0.31),
+             "pruned-int8": (150_000, 0.12), "pruned-clustered": (150_000, 0.29)}
+    for name, (macs, ms) in costs.items():
+        v = doc["variants"][name]
+        for regression_metric in ("mae", "rmse", "r2", "error_increase"):  # a classifier's document
+            v.pop(regression_metric)
+        v |= {"macs": macs, "latency_ms_p50_b32": ms}
+    return doc
+
+
+@pytest.mark.parametrize(("axis", "metric", "front"), [
+    ("latency", "latency_ms_p50_b32", {"pruned-int8", "pruned-clustered", "student", "teacher"}),
+    ("macs", "macs", {"student", "teacher"}),
+])
+def test_the_pareto_plot_can_put_latency_or_macs_on_its_x_axis(axis, metric, front):
+    doc = report.plot_doc(_costed(), {"version": "1", "variant": "student", "coded_bytes": 18_000},
+                          {"latency_batch": 32, "max_latency_ms_p50": 0.5, "max_accuracy_drop": 0.04}, axis)
+    fig = report.pareto_figure(doc)
+    ax = fig.axes[0]
+    points = {tuple(p) for c in ax.collections for p in c.get_offsets().tolist()}
+    assert {(float(v[metric]), v["accuracy"] * 100) for v in doc["variants"].values()} <= points
+    assert {t.get_text() for t in ax.texts} == front  # the front over this cost (served student is on it)
+    assert ("batch 32" if axis == "latency" else "multiply-accumulates") in ax.get_xlabel()
+    limits = [line for line in ax.get_lines() if line.get_label() == "gate: max_latency_ms_p50"]
+    assert [line.get_xdata()[0] for line in limits] == ([0.5] if axis == "latency" else [])
+    report._pyplot().close(fig)
+
+
+def test_a_document_without_the_axis_metric_falls_back_to_coded_bytes():
+    doc = report.plot_doc(_doc(), None, {"latency_batch": 32}, "latency")
+    assert report.pareto_axis(doc)[0] == "coded_bytes"
+    fig = report.pareto_figure(doc)
+    assert "coded bytes" in fig.axes[0].get_xlabel()
+    report._pyplot().close(fig)
+
+
 def test_summary_has_one_flat_row_per_model(store, tmp_path):
     docs = report.docs_from_mlflow(store)
     ws = Workspace(tmp_path / "project")
