@@ -78,7 +78,7 @@ def fit(model, data, epochs: int, learning_rate: float) -> None:
                  metrics=["accuracy"], epochs=epochs, batch_size=64, learning_rate=learning_rate, seed=0)
 
 
-def channel_prune(model, target: float):
+def channel_prune(model, target: float, round_to: int = 1):
     """``prune_channels`` at the keep fraction whose MACs come nearest ``target`` of the model's."""
     from shrinkfleet.channels import prune_channels
     from shrinkfleet.macs import count_macs
@@ -87,7 +87,7 @@ def channel_prune(model, target: float):
     lo, hi, best = 0.05, 1.0, None
     for _ in range(6):
         keep = (lo + hi) / 2
-        result = prune_channels(model, keep, "l1")
+        result = prune_channels(model, keep, "l1", round_to)
         share = count_macs(result.model) / full
         if best is None or abs(share - target) < abs(best[1] - target):
             best = (keep, share, result)
@@ -127,7 +127,7 @@ def run_model(name: str, data, args) -> dict:
     model = build(name, data.input_shape)
     fit(model, data, args.epochs[name], 2e-3)
     train_s = time.perf_counter() - t0
-    keep, share, result = channel_prune(model, args.macs_target)
+    keep, share, result = channel_prune(model, args.macs_target, args.round_to)
     pruned = result.model
     fit(pruned, data, args.finetune_epochs[name], 1e-3)
     rep = data.train.x[:200]
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=500, help="timed calls per variant and batch size (>= 200)")
     ap.add_argument("--threads", type=int, default=1, help="LiteRT interpreter threads")
     ap.add_argument("--macs-target", type=float, default=0.5, help="channel-pruned MACs / the model's")
+    ap.add_argument("--round-to", type=int, default=1, help="kept channels rounded up to a multiple of this")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/[quick-]latency.json)")
     args = ap.parse_args(argv)
     if args.runs < 200:
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     top = {k: headline[k] for k in (*(f"{g}_vs_float32_tflite_batch{b}" for g in GOALS for b in BATCHES),
                                     "channel_pruned_drop_pts", "meets_goals")}
     path = write_results("latency", {
-        "quick": args.quick, "headline_model": headline["model"], "runs": args.runs, "threads": args.threads,
+        "quick": args.quick, "round_to": args.round_to, "headline_model": headline["model"], "runs": args.runs,
+        "threads": args.threads,
         "test_samples": len(data.test), "goals": {**GOALS, "max_drop_pts": MAX_DROP_PTS}, **top, "models": results,
     }, args.out)
     print(f"wrote {path}")

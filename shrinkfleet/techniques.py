@@ -130,7 +130,7 @@ def channel_prune(model: keras.Model, cfg: ChannelsConfig, data: Prepared, seed:
         keep = _keep_for_macs(base, cfg, macs_before)
     else:
         keep = float(cfg.keep)
-    result = prune_channels(base, keep, cfg.norm)
+    result = prune_channels(base, keep, cfg.norm, cfg.round_to)
     # keep 1.0 (or auto keeping every layer whole) is a valid no-op; a cut that finds no layer is not.
     wanted = any(v < 1 for v in keep.values()) if isinstance(keep, dict) else keep < 1
     if wanted and not result.kept:
@@ -146,7 +146,7 @@ def channel_prune(model: keras.Model, cfg: ChannelsConfig, data: Prepared, seed:
 
 def _keep_for_macs(model: keras.Model, cfg: ChannelsConfig, macs_before: int) -> float:
     goal = cfg.target_macs * macs_before
-    macs = lambda keep: count_macs(prune_channels(model, keep, cfg.norm).model)  # noqa: E731
+    macs = lambda keep: count_macs(prune_channels(model, keep, cfg.norm, cfg.round_to).model)  # noqa: E731
     if macs(1.0) <= goal:
         return 1.0
     lowest = macs(1 / 256)

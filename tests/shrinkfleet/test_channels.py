@@ -248,6 +248,17 @@ def test_per_layer_keep_prunes_only_the_named_layers():
     assert result.summary() == {"d2": (3, 10)}
 
 
+def test_round_to_keeps_a_multiple_of_it_never_above_the_width():
+    reset(0)
+    model = _randomise(mlp())
+    assert prune_channels(model, keep=0.3, round_to=4).summary() == {"d1": (8, 16), "d2": (4, 10)}
+    assert prune_channels(model, keep=0.9, round_to=4).summary() == {"d1": (16, 16), "d2": (10, 10)}
+    grouped = prune_channels(_randomise(residual()), keep=0.3, round_to=4).summary()
+    assert grouped["c0"] == grouped["c4"] == (4, 8) and grouped["c1"] == (4, 6)
+    with pytest.raises(ValueError, match="round_to: must be a whole number >= 1"):
+        prune_channels(model, keep=0.5, round_to=0)
+
+
 def test_mobilenetv2_survives_half_the_channels():
     reset(0)
     model = keras.applications.MobileNetV2(alpha=0.35, input_shape=(32, 32, 3), weights=None, classes=10)
