@@ -12,9 +12,13 @@ the same LiteRT interpreter settings (XNNPACK, ``--threads`` threads, 1 by defau
 ``evaluate.threads``): float32 (the baseline), full-integer int8, channel-pruned float32 and
 channel-pruned int8. Channel pruning is :func:`shrinkfleet.channels.prune_channels` with the
 ``keep`` fraction that brings the model nearest to ``--macs-target`` (0.5) of its MACs, found by
-bisection on the counted MACs, then a short fine-tune. Latency: the median of ``--runs`` (at
+bisection on the counted MACs, then a short fine-tune; its widths are rounded up to multiples
+of ``--round-to`` (``channels.round_to``; by default 8 for MobileNetV2, whose layers are 8-1280
+wide, and 1 for LeNet-5, whose 6-120 leave a multiple of 8 almost nothing to cut), and then the
+same cut at exact widths is timed in the same run (``exact_width``, ``exact_width_int8``) as the
+control. Latency: the median of ``--runs`` (at
 least 200) timed calls after 50 warm-up calls, per batch size, each variant on its own
-interpreter sized once for that batch (as the evaluate stage does), the four variants timed in
+interpreter sized once for that batch (as the evaluate stage does), the variants timed in
 alternating blocks of 25 calls so load drift on a shared machine hits them alike. Also MACs
 (counted from the Keras graph), flatbuffer bytes and test accuracy.
 
@@ -42,6 +46,9 @@ GOALS = {"int8": 1.5, "channel_pruned": 1.6, "channel_pruned_int8": 2.5}
 MAX_DROP_PTS = 1.0
 BATCHES = (1, 32)
 MODELS = ("lenet5", "mobilenetv2")
+# Channel-pruned widths rounded up to a multiple of this (channels.round_to). LeNet-5's layers are
+# 6-120 wide, where a multiple of 8 leaves almost nothing to cut; MobileNetV2's are 8-1280.
+ROUND_TO = {"lenet5": 1, "mobilenetv2": 8}
 TITLES = {"lenet5": "LeNet-5 (6/16 filters 5x5, 120/84 dense), 28x28x1",
           "mobilenetv2": "MobileNetV2 alpha 0.35, 32x32x3"}
 
@@ -127,7 +134,8 @@ def run_model(name: str, data, args) -> dict:
     model = build(name, data.input_shape)
     fit(model, data, args.epochs[name], 2e-3)
     train_s = time.perf_counter() - t0
-    keep, share, result = channel_prune(model, args.macs_target, args.round_to)
+    round_to = args.round_to or ROUND_TO[name]
+    keep, share, result = channel_prune(model, args.macs_target, round_to)
     pruned = result.model
     fit(pruned, data, args.finetune_epochs[name], 1e-3)
     rep = data.train.x[:200]
@@ -137,6 +145,13 @@ def run_model(name: str, data, args) -> dict:
         "channel_pruned": (to_tflite(pruned, "float32"), count_macs(pruned)),
         "channel_pruned_int8": (to_tflite(pruned, "int8", representative=rep), count_macs(pruned)),
     }
+    exact = None
+    if round_to > 1:  # the control: the same cut without rounding, timed in the same blocks
+        exact = channel_prune(model, args.macs_target, 1)
+        fit(exact[2].model, data, args.finetune_epochs[name], 1e-3)
+        flatbuffers["exact_width"] = (to_tflite(exact[2].model, "float32"), count_macs(exact[2].model))
+        flatbuffers["exact_width_int8"] = (to_tflite(exact[2].model, "int8", representative=rep),
+                                           count_macs(exact[2].model))
     variants = {}
     for label, (content, macs) in flatbuffers.items():
         model = TFLiteModel(content, args.threads)
@@ -155,8 +170,13 @@ def run_model(name: str, data, args) -> dict:
         "full_width_layers": len(result.full_width), "pruned_layers": len(result.kept), "variants": variants,
         "channel_pruned_drop_pts": variants["channel_pruned"]["drop_pts"],
         "channel_pruned_int8_drop_pts": variants["channel_pruned_int8"]["drop_pts"],
-        "int8_drop_pts": variants["int8"]["drop_pts"],
+        "int8_drop_pts": variants["int8"]["drop_pts"], "round_to": round_to,
     }
+    if exact is not None:
+        doc.update(exact_width_keep=exact[0], exact_width_macs_share=exact[1])
+        for label in ("exact_width", "exact_width_int8"):
+            for b in BATCHES:
+                doc[f"{label}_vs_float32_tflite_batch{b}"] = variants[label][f"speedup_batch{b}"]
     for label in GOALS:
         for b in BATCHES:
             doc[f"{label}_vs_float32_tflite_batch{b}"] = variants[label][f"speedup_batch{b}"]
@@ -174,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=500, help="timed calls per variant and batch size (>= 200)")
     ap.add_argument("--threads", type=int, default=1, help="LiteRT interpreter threads")
     ap.add_argument("--macs-target", type=float, default=0.5, help="channel-pruned MACs / the model's")
-    ap.add_argument("--round-to", type=int, default=1, help="kept channels rounded up to a multiple of this")
+    ap.add_argument("--round-to", type=int, default=None,
+                    help="channel-pruned widths rounded up to a multiple of this (channels.round_to; default: "
+                         "1 for LeNet-5, 8 for MobileNetV2); above 1, the same cut at exact widths is timed too")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/[quick-]latency.json)")
     args = ap.parse_args(argv)
     if args.runs < 200:
@@ -204,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
                  "bytes": f"{v['bytes']:,}", **{f"b{b} ms": f"{v[f'batch{b}_ms']:.3f}" for b in BATCHES},
                  **{f"b{b} speed-up": f"{v[f'speedup_batch{b}']:.2f}x" for b in BATCHES}, "kernels": v["runtime"]}
                 for label, v in r["variants"].items()]
+        exact = (f"; exact widths: keep {r['exact_width_keep']:.3f} -> {r['exact_width_macs_share'] * 100:.0f}% MACs"
+                 if "exact_width_keep" in r else "")
         print_table(rows, f"{TITLES[name]} on MNIST, {len(d.test)} test images, LiteRT {args.threads} thread(s); "
-                          f"channel keep {r['channel_keep']:.3f} -> {r['channel_macs_share'] * 100:.0f}% MACs")
+                          f"channel keep {r['channel_keep']:.3f} (round_to {r['round_to']}) -> "
+                          f"{r['channel_macs_share'] * 100:.0f}% MACs{exact}")
         for label, goal in GOALS.items():
             s = r[f"{label}_vs_float32_tflite_batch32"]
             print(f"{label} vs float32 TFLite at batch 32: {s:.2f}x (goal >= {goal}x: {verdict(s >= goal)}), "
@@ -215,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     top = {k: headline[k] for k in (*(f"{g}_vs_float32_tflite_batch{b}" for g in GOALS for b in BATCHES),
                                     "channel_pruned_drop_pts", "meets_goals")}
     path = write_results("latency", {
-        "quick": args.quick, "round_to": args.round_to, "headline_model": headline["model"], "runs": args.runs,
+        "quick": args.quick, "round_to": headline["round_to"], "headline_model": headline["model"], "runs": args.runs,
         "threads": args.threads,
         "test_samples": len(data.test), "goals": {**GOALS, "max_drop_pts": MAX_DROP_PTS}, **top, "models": results,
     }, args.out)
