@@ -399,12 +399,12 @@ def prune_channels(model: keras.Model, keep: float | dict[str, float], norm: str
             w = [kernel, *w[1:]]
             if name in candidates:
                 total = kernel.shape[-1]
-                n_keep = _count(_keep_fraction(keep, name), total, round_to)
-                kept = group_kept[name] if name in group_kept else _rank(kernel, n_keep, norm)
-                n_keep = len(kept)
+                kept = group_kept.get(name)
+                if kept is None:
+                    kept = _rank(kernel, _count(_keep_fraction(keep, name), total, round_to), norm)
                 w = [kernel[..., kept], *(b[kept] for b in w[1:])]
                 cfg = layer.get_config()
-                cfg["units" if isinstance(layer, L.Dense) else "filters"] = int(n_keep)
+                cfg["units" if isinstance(layer, L.Dense) else "filters"] = len(kept)
                 configs[name] = cfg
                 result.kept[name] = kept.tolist()
                 result.total[name] = int(total)

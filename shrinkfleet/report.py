@@ -177,7 +177,7 @@ _OFFSETS = [(dx * r, dy * r) for r in (5, 14, 26, 40)
             for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1.3), (0, -1.6), (1.2, 0), (-1.2, 0))]
 
 
-PARETO_X = ("coded_bytes", "latency", "macs")
+_BYTES_AXIS = ("coded_bytes", "coded bytes (entropy-coded flatbuffer, log scale)", "coded bytes")
 
 
 def pareto_axis(doc: dict[str, Any]) -> tuple[str, str, str]:
@@ -195,10 +195,10 @@ def pareto_axis(doc: dict[str, Any]) -> tuple[str, str, str]:
     elif kind == "macs":
         metric, label, word = "macs", "multiply-accumulates per example (log scale)", "MACs"
     else:
-        return "coded_bytes", "coded bytes (entropy-coded flatbuffer, log scale)", "coded bytes"
+        return _BYTES_AXIS
     if all(isinstance(v.get(metric), (int, float)) and v[metric] > 0 for v in doc["variants"].values()):
         return metric, label, word
-    return "coded_bytes", "coded bytes (entropy-coded flatbuffer, log scale)", "coded bytes"
+    return _BYTES_AXIS
 
 
 def pareto_figure(doc: dict[str, Any]) -> Any:
