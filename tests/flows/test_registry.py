@@ -143,6 +143,19 @@ def test_04b_report_rebuilds_from_mlflow_with_trends(nightly):
     nightly.run("report", "--since", "7y", code=2)  # a bad window is refused before any work
 
 
+def test_04c_report_pareto_x_puts_the_macs_read_from_mlflow_on_the_plot(nightly):
+    """report.pareto_x is read by `shrinkfleet report` (no stage depends on it) and needs the MACs from MLflow."""
+    nightly.edit(lambda p: p.setdefault("report", {}).update(pareto_x="macs"))
+    try:
+        nightly.run("report", "--since", "1d", "--model", MODEL, "--out", "reports/macs")
+        rebuilt = (nightly.root / "reports" / "macs" / "fleet.md").read_text()
+        assert f"**{MODEL}**: accuracy vs MACs" in rebuilt  # the plot's caption (the table's front stays bytes')
+        assert f"**{MODEL}**: accuracy vs coded bytes" in (nightly.root / "reports" / "fleet.md").read_text()
+        assert (nightly.root / "reports" / "macs" / "plots" / f"{MODEL}-pareto.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        nightly.edit(lambda p: p.pop("report"))  # (the tiny fleet has no report: section of its own)
+
+
 def test_05_lineage_links_resolve(nightly):
     info = json.loads(nightly.run("lineage", f"{MODEL}@production", "--json"))
     assert info["version"] == "2" and "production" in info["aliases"]
