@@ -34,7 +34,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from shrinkfleet import locks, pipeline, remote, report, runlog, storage, times, tracking, versioning
+from shrinkfleet import durations, locks, pipeline, remote, report, runlog, storage, times, tracking, versioning
 from shrinkfleet import registration as register
 from shrinkfleet.config import ConfigError, RunConfig, Snapshot, load_params, load_snapshot, select_models
 from shrinkfleet.pipeline import stage_name
@@ -325,6 +325,8 @@ class FleetRun:
         self.told: set[tuple[str, str]] = set()  # (model, stage) events already emitted
         self.devices: dict[str, str] = {}  # worker -> the GPUs it sees, or CPU
         self.users: dict[str, list[str]] = {}  # dataset -> the selected models that read it, in fleet order
+        self.history = durations.load(root)  # last runs' stage seconds: the longest models start first
+        self.ran: dict[str, dict[str, float]] = {}  # model -> stage -> seconds, the stages this run ran
         for m in names:
             self.users.setdefault(self.fleet.models[m].dataset, []).append(m)
 
@@ -392,6 +394,10 @@ class FleetRun:
                 elif self._model_ended(target, ok, value):
                     self._finish(target, tags, plotter)
             plotter.shutdown(wait=True)  # (pyplot is not for two threads at once)
+            try:
+                durations.save(self.root, self.ran)
+            except OSError as e:  # only tomorrow's order depends on it
+                _notice(f"stage durations not saved ({durations.path(self.root)}): {e}")
             path = self._report(experiment_id, parent_run_id, tags, started)
         return {"models": self.results, "report": str(path), "parent_run_id": parent_run_id,
                 "use_dvc": self.use_dvc, "trigger": self.trigger, "engine": self.run_cfg.engine}
@@ -424,6 +430,8 @@ class FleetRun:
 
     def _stage_event(self, model: str, stage: str, status: str, seconds: float = 0.0, worker: str = "") -> None:
         self.results[model]["stages"][stage] = status
+        if status == "ran":
+            self.ran.setdefault(model, {})[stage] = seconds
         if worker:
             self.results[model]["workers"][stage] = worker
         self.told.add((model, stage))
@@ -438,9 +446,9 @@ class FleetRun:
 
     def _submit_ready(self, ready: list[str], chains: dict[str, list[str]], prepared: dict[str, Any],
                       pools: Runners, owners: dict, done: queue.SimpleQueue, progress: ProgressFile) -> list[str]:
-        """Submit the model task of every ready model the pools take now; the models left waiting."""
+        """Submit the model task of every ready model the pools take now, longest first; the models left waiting."""
         left = []
-        for m in ready:
+        for m in durations.longest_first(ready, chains, self.history):
             if not chains[m]:
                 left.append(m)
                 continue

@@ -110,6 +110,11 @@ def test_fleet_runs_tracks_records_and_reruns_nothing(project):
     assert all(v.strip().startswith("pruned-") for m, v in rows if v.strip().endswith("(production)"))
     assert (project / "reports" / "plots" / "digits-mlp-pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _dvc_status(project) == {}
+    # what each stage took, for the next run's order (longest model first)
+    history = json.loads((project / ".shrinkfleet" / "durations.json").read_text())
+    stages = {"teacher", "distill", "prune", "compress", "evaluate"}
+    assert {m: set(h) for m, h in history.items()} == {"digits-mlp": stages, "cancer-mlp": stages}
+    assert all(seconds > 0 for h in history.values() for seconds in h.values())
 
     # a rerun with nothing changed trains nothing
     stamps = {p: p.stat().st_mtime_ns for p in (project / "models").rglob("*.keras")}
@@ -123,6 +128,8 @@ def test_fleet_runs_tracks_records_and_reruns_nothing(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["models"]["cancer-mlp"]["prune"]["target_sparsity"] = 0.6
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    history["cancer-mlp"]["prune"] = 12345.0  # a figure tonight's prune must replace
+    (project / ".shrinkfleet" / "durations.json").write_text(json.dumps(history))
     third = shrinkfleet_cmd("run", cwd=project)
     assert third.returncode == 0, third.stdout + third.stderr
     latest = _runs(project, "fleet")[0]
@@ -131,6 +138,11 @@ def test_fleet_runs_tracks_records_and_reruns_nothing(project):
     doc = json.loads((project / "metrics" / "cancer-mlp.json").read_text())
     assert doc["variants"]["pruned"]["sparsity"] == pytest.approx(0.6, abs=0.01)
     assert _dvc_status(project) == {}
+    # the stages that ran again have tonight's figures; the skipped ones keep the first night's
+    latest_history = json.loads((project / ".shrinkfleet" / "durations.json").read_text())
+    assert latest_history["digits-mlp"] == history["digits-mlp"]
+    assert latest_history["cancer-mlp"]["teacher"] == history["cancer-mlp"]["teacher"]
+    assert 0 < latest_history["cancer-mlp"]["prune"] < 12345.0
 
 
 def test_dvc_repro_alone_reproduces_a_model_and_the_flow_agrees(tmp_path, tiny_params):
