@@ -25,6 +25,9 @@ from typing import Any
 
 # The code a benchmark runs: this checkout, or another one (bench/compare.py sets it, with PYTHONPATH).
 ROOT = Path(os.environ.get("SHRINKFLEET_BENCH_CODE") or Path(__file__).resolve().parents[1]).resolve()
+# Edits to every benchmark project's params.yaml, as JSON {"set": {nested keys}, "drop": ["a.b"]}:
+# bench/compare.py has both commits do the same work (see its LIKE_FOR_LIKE).
+OVERLAY_ENV = "SHRINKFLEET_BENCH_OVERLAY"
 RESULTS = Path(__file__).resolve().parent / "results"
 SHRINKFLEET = Path(sys.executable).with_name("shrinkfleet")
 
@@ -67,10 +70,37 @@ def tiny_fleet(n: int) -> dict[str, Any]:
     return params
 
 
+def overlay(params: dict[str, Any], edits: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with ``edits["set"]`` merged in (nested mappings key by key) and ``edits["drop"]`` removed."""
+    out = copy.deepcopy(params)
+
+    def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = copy.deepcopy(value)
+
+    merge(out, edits.get("set", {}))
+    for dotted in edits.get("drop", []):
+        *parents, last = dotted.split(".")
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
 def make_project(path: Path, params: dict[str, Any], dvc: bool = True) -> Path:
-    """A project folder as a user has it: the code DVC's stages depend on, dvc.yaml, params.yaml, git + DVC."""
+    """A project folder as a user has it: the code DVC's stages depend on, dvc.yaml, params.yaml, git + DVC.
+
+    ``$SHRINKFLEET_BENCH_OVERLAY`` (JSON, see :func:`overlay`) edits ``params`` first.
+    """
     import yaml
 
+    if os.environ.get(OVERLAY_ENV):
+        params = overlay(params, json.loads(os.environ[OVERLAY_ENV]))
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)

@@ -17,6 +17,13 @@ each as a user runs it (``shrinkfleet run`` in a fresh project):
 - the 8-model fan-out with 2 workers (``bench/fanout.py``), with where the CPU went;
 - the 100-model fleet with 2 workers (``bench/scale.py``), with the peak memory of the largest process.
 
+Like with like: both sides run the same fleets doing the same work. The default fleet is the
+*before* commit's ``params.yaml`` on both sides (a later commit may retune it: more epochs are
+more work, not slower orchestration), and the after side's projects get ``LIKE_FOR_LIKE``: the
+keys a later schema renamed are dropped, and work added since (latency timed at more batch
+sizes) is set to what the earlier code did. ``--own-fleets`` measures each side on its own
+``params.yaml`` and defaults instead.
+
 Goal: every figure after within 10% of before, or better. Writes bench/results/compare.json.
 """
 
@@ -36,15 +43,29 @@ from _common import median, print_table, verdict, write_results
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TOLERANCE = 1.10
+# The after side's edits so that it does the work the before side does (bench/_common.overlay), right
+# for the commits of issue 18's measurement (before 9709c8e): run.worker_max_stages became
+# run.worker_max_models (both default to no recycling within these fleets), and evaluate times
+# batch 1 only, as the earlier code did (it added evaluate.batch_sizes, default [1, 32]).
+LIKE_FOR_LIKE = {"set": {"evaluate": {"batch_sizes": [1]}}, "drop": ["run.worker_max_stages"]}
 
 
-def measure(code: Path, out: Path, quick: bool) -> dict[str, float]:
-    """Every figure of one side: the benchmark scripts of this checkout on the code in ``code``."""
+def measure(code: Path, out: Path, quick: bool, fleet: Path | None = None,
+            edits: dict | None = None) -> dict[str, float]:
+    """Every figure of one side: the benchmark scripts of this checkout on the code in ``code``.
+
+    ``fleet``: the default fleet's params.yaml (else the side's own); ``edits``: the overlay of
+    every project's params.yaml (``$SHRINKFLEET_BENCH_OVERLAY``).
+    """
     env = {**os.environ, "SHRINKFLEET_BENCH_CODE": str(code), "PYTHONPATH": str(code)}
+    env.pop("SHRINKFLEET_BENCH_OVERLAY", None)
+    if edits:
+        env["SHRINKFLEET_BENCH_OVERLAY"] = json.dumps(edits)
     out.mkdir(parents=True, exist_ok=True)
     fan_models, scale_models = ("2", "4") if quick else ("8", "100")
     runs = {
-        "noop": ["noop.py", "--reps", "1", *(["--quick"] if quick else [])],
+        "noop": ["noop.py", "--reps", "1", *(["--quick"] if quick else []),
+                 *(["--params", str(fleet)] if fleet and not quick else [])],
         "fanout": ["fanout.py", "--models", fan_models, "--reps", "1", "--workers", "2"],
         "scale": ["scale.py", "--sizes", scale_models],
     }
@@ -71,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--after", default="HEAD", help="the later commit (default HEAD)")
     ap.add_argument("--rounds", type=int, default=1, help="before/after pairs, alternating which goes first")
     ap.add_argument("--quick", action="store_true", help="small fleets: a smoke run, no verdict worth quoting")
+    ap.add_argument("--own-fleets", action="store_true",
+                    help="each side its own params.yaml and defaults (default: the before side's fleet, like for like)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/[quick-]compare.json)")
     args = ap.parse_args(argv)
     before_sha = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=REPO, check=True,
@@ -84,10 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             for side, rev in (("before", args.before), ("after", args.after)):
                 subprocess.run(["git", "worktree", "add", "--detach", "-q", str(trees[side]), rev], cwd=REPO,
                                check=True)
+            fleet = None if args.own_fleets else trees["before"] / "params.yaml"
+            edits = {"before": None, "after": None if args.own_fleets else LIKE_FOR_LIKE}
             for r in range(args.rounds):
                 order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
                 for side in order:
-                    figures[side].append(measure(trees[side], Path(tmp) / f"{side}-{r}", args.quick))
+                    figures[side].append(measure(trees[side], Path(tmp) / f"{side}-{r}", args.quick, fleet,
+                                                 edits[side]))
         finally:
             for tree in trees.values():
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
@@ -104,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k}: {ratios[k]:.2f}x of before (goal <= {TOLERANCE:.2f}: {verdict(ok)})")
     path = write_results("compare", {
         "quick": args.quick, "before": before_sha, "after": after_sha,
-        "rounds": args.rounds, "figures": figures, "median_before": before, "median_after": after,
+        "rounds": args.rounds, "fleets": "own" if args.own_fleets else f"{before_sha}'s params.yaml on both sides",
+        "after_overlay": None if args.own_fleets else LIKE_FOR_LIKE, "figures": figures,
+        "median_before": before, "median_after": after,
         "ratio": ratios, "tolerance": TOLERANCE, "held": held, "meets_goal": all(held.values()),
     }, args.out)
     print(f"wrote {path}")

@@ -2,6 +2,7 @@
 
     python bench/noop.py            # the default fleet (params.yaml), then 3 no-op reruns
     python bench/noop.py --quick    # 1 small model, 1 rerun (CI smoke run)
+    python bench/noop.py --params other/params.yaml   # another fleet (bench/compare.py: the earlier commit's)
 
 The project is a copy of this repository's code, dvc.yaml and params.yaml with git + DVC, as
 after a fresh clone. The first run trains everything; each rerun must train nothing (every
@@ -33,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 small model, 1 rerun")
     ap.add_argument("--reps", type=int, default=None, help="no-op reruns (default 3, quick 1)")
+    ap.add_argument("--params", type=Path, default=None,
+                    help="the fleet of the full run (default: params.yaml of the code measured)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/[quick-]noop.json)")
     args = ap.parse_args(argv)
     reps = args.reps or (1 if args.quick else 3)
-    params = tiny_fleet(1) if args.quick else yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = tiny_fleet(1) if args.quick else yaml.safe_load((args.params or ROOT / "params.yaml").read_text())
     with tempfile.TemporaryDirectory(prefix="bench-noop-") as tmp:
         project = make_project(Path(tmp) / "project", params)
         first = run_cli(project, "run")
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nrerun / first: {share:.1%} (goal <= {GOAL:.0%}); artifacts rewritten: {len(retrained)}; "
           f"dvc status clean: {status == 0} -> {verdict(ok)}")
     path = write_results("noop", {
-        "quick": args.quick, "fleet": "1 small model" if args.quick else "default (params.yaml)",
+        "quick": args.quick, "fleet": "1 small model" if args.quick else str(args.params or "default (params.yaml)"),
         "first_seconds": first.seconds, "rerun_seconds": reruns, "median_rerun_seconds": rerun,
         "share_of_first": share, "artifacts_rewritten": retrained, "dvc_status_clean": status == 0,
         "goal_share": GOAL, "meets_goal": ok,

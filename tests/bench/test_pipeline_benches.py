@@ -113,3 +113,30 @@ def test_a_quick_run_never_replaces_the_full_runs_results(tmp_path, monkeypatch)
     quick = _common.write_results("fanout", {"quick": True, "speedup": 1.0})
     assert (full.name, quick.name) == ("fanout.json", "quick-fanout.json")
     assert json.loads(full.read_text())["speedup"] == 1.5
+
+
+def test_compare_gives_the_after_side_the_before_sides_work(tmp_path, monkeypatch):
+    """The overlay bench/compare.py puts on the after side: an earlier params.yaml parses, timing only batch 1."""
+    import yaml
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import _common
+        import compare
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from shrinkfleet.config import ConfigError, parse_params
+
+    earlier = yaml.safe_load((REPO / "params.yaml").read_text())
+    earlier["run"].pop("worker_max_models")
+    earlier["run"]["worker_max_stages"] = 50  # the key as the earlier schema spelt it
+    with pytest.raises(ConfigError, match="worker_max_stages"):
+        parse_params(earlier)
+    monkeypatch.setenv(_common.OVERLAY_ENV, json.dumps(compare.LIKE_FOR_LIKE))
+    project = _common.make_project(tmp_path / "p", earlier, dvc=False)
+    written = yaml.safe_load((project / "params.yaml").read_text())
+    assert "worker_max_stages" not in written["run"] and written["run"]["workers"] == earlier["run"]["workers"]
+    fleet = parse_params(written)
+    assert fleet.evaluate.batch_sizes == [1]
+    assert fleet.evaluate.latency_runs == earlier["evaluate"]["latency_runs"]  # the rest of evaluate: kept
+    assert earlier["run"]["worker_max_stages"] == 50  # the caller's params: not edited
