@@ -109,26 +109,36 @@ def served_here(doc: dict[str, Any], served: dict[str, Any] | None) -> str | Non
     return served["variant"]
 
 
+def why_not_smallest(doc: dict[str, Any], served: str, failed: str | None, objective: str) -> str:
+    """Why production serves ``served`` and not the Pareto front's smallest, or "" when it serves that one.
+
+    ``failed``: the smallest's failed gate limits ("" or None when it passes); ``objective``:
+    ``gate.objective``. The one wording of the report's production line and of the CLI's notes.
+    """
+    smallest = best_variant(doc)
+    if smallest is None or served == smallest:
+        return ""
+    why = (f"{smallest} fails the gate ({failed})" if failed
+           else f"the gate's objective ({objective}) picked {served}")
+    return f"not the Pareto front's smallest {smallest}: {why}"
+
+
 def production_note(doc: dict[str, Any], served: dict[str, Any] | None,
                     gate: dict[str, str] | None = None) -> str:
-    """One line: which variant production serves, and why when it is not the Pareto front's smallest."""
+    """One line: which variant production serves, and why when it is not the Pareto front's smallest.
+
+    ``gate``: this run's verdict per variant (``pass`` or ``fail: <limits>``).
+    """
     if not served:
         return "nothing in production"
     here = served_here(doc, served)
     if here is None:
         return (f"production v{served['version']} serves {served['variant'] or '?'} from an earlier run "
                 "(not this run's variant of that name)")
-    line = f"production v{served['version']} serves {here}"
-    smallest = best_variant(doc)
-    if smallest and smallest != here:
-        verdict = (gate or {}).get(smallest, "")
-        if verdict.startswith("fail"):
-            why = f"{smallest} failed the gate ({verdict.removeprefix('fail: ')})"
-        else:
-            objective = served.get("objective") or "its objective"
-            why = f"the gate's objective ({objective}) picked it over {smallest}"
-        line += f", not the front's smallest {smallest}: {why}"
-    return line
+    verdict = (gate or {}).get(best_variant(doc) or "", "")
+    failed = verdict.removeprefix("fail: ") if verdict.startswith("fail") else None
+    why = why_not_smallest(doc, here, failed, served.get("objective") or "its objective")
+    return f"production v{served['version']} serves {here}" + (f", {why}" if why else "")
 
 
 def formatted(table: pd.DataFrame) -> pd.DataFrame:
@@ -321,18 +331,18 @@ def conversion(variant: dict[str, Any], name: str = "") -> str:
 def served_note(doc: dict[str, Any], served: str | None, gate_cfg: Any) -> str:
     """One line saying why production serves ``served`` and not the Pareto front's smallest, or "".
 
-    Either the smallest fails the gate (its failed limits are named) or it passes and the
-    gate's objective (``gate.objective``) ranked ``served`` above it.
+    Either the smallest fails the gate (its failed limits are named, checked now against
+    ``gate_cfg``) or it passes and the gate's objective (``gate.objective``) ranked ``served``
+    above it.
     """
     from shrinkfleet import gate
 
     smallest = best_variant(doc)
-    if served is None or smallest is None or served == smallest or served not in doc["variants"]:
+    if served is None or smallest is None or served not in doc["variants"]:
         return ""
-    fails = gate.check(doc["variants"][smallest], gate_cfg)
-    why = (f"{smallest} fails the gate ({'; '.join(str(f) for f in fails)})" if fails
-           else f"the gate's objective ({gate_cfg.objective}) picked {served}")
-    return f"{doc['model']}: production serves {served}, not the Pareto front's smallest {smallest}: {why}"
+    fails = "; ".join(str(f) for f in gate.check(doc["variants"][smallest], gate_cfg))
+    why = why_not_smallest(doc, served, fails, gate_cfg.objective)
+    return f"{doc['model']}: production serves {served}, {why}" if why else ""
 
 
 def waterfall(doc: dict[str, Any]) -> list[tuple[str, float, str]]:

@@ -130,9 +130,10 @@ def test_production_is_marked_and_explained_in_the_report(store, tmp_path):
     assert "pruned-int8" in row
     assert md.count("(production)") == 2  # the row, and the legend explaining the mark
     note = next(line for line in md.splitlines() if line.startswith("- **digits-mlp**: production v2"))
-    assert "not the front's smallest pruned-clustered" in note and "objective (accuracy)" in note
+    assert "not the Pareto front's smallest pruned-clustered" in note
+    assert note.endswith("the gate's objective (accuracy) picked pruned-int8")
     page = (ws.reports / "fleet.html").read_text()
-    assert "pruned-int8 (production)" in page and "not the front&#x27;s smallest" in page
+    assert "pruned-int8 (production)" in page and "not the Pareto front&#x27;s smallest" in page
     csv = pd.read_csv(ws.reports / "variants.csv")
     assert csv.loc[csv["production"], "variant"].tolist() == ["pruned-int8"]  # what dvc plots reads
 
