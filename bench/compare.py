@@ -10,7 +10,9 @@ worktrees, so uncommitted changes are not measured and the checkout can be edite
 Both sides run *this* checkout's benchmark scripts, on the same machine, interleaved (before,
 after, then after, before with ``--rounds 2``), so load on the machine falls on both alike;
 only the code under test differs (``SHRINKFLEET_BENCH_CODE`` and ``PYTHONPATH`` point at each
-side's tree). Measured,
+side's tree). Each benchmark runs on both sides in turn before the next one starts (the order
+alternating from one to the next and from round to round), so the two sides of a figure are
+measured minutes apart: this machine's speed drifts by 20-30% within the hour. Measured,
 each as a user runs it (``shrinkfleet run`` in a fresh project):
 
 - the default fleet's first run and its no-op rerun (``bench/noop.py``, DVC on);
@@ -50,9 +52,12 @@ TOLERANCE = 1.10
 LIKE_FOR_LIKE = {"set": {"evaluate": {"batch_sizes": [1]}}, "drop": ["run.worker_max_stages"]}
 
 
-def measure(code: Path, out: Path, quick: bool, fleet: Path | None = None,
+BENCHES = ("noop", "fanout", "scale")
+
+
+def measure(name: str, code: Path, out: Path, quick: bool, fleet: Path | None = None,
             edits: dict | None = None) -> dict[str, float]:
-    """Every figure of one side: the benchmark scripts of this checkout on the code in ``code``.
+    """The figures of one benchmark on one side: this checkout's script ``name`` on the code in ``code``.
 
     ``fleet``: the default fleet's params.yaml (else the side's own); ``edits``: the overlay of
     every project's params.yaml (``$SHRINKFLEET_BENCH_OVERLAY``).
@@ -63,27 +68,28 @@ def measure(code: Path, out: Path, quick: bool, fleet: Path | None = None,
         env["SHRINKFLEET_BENCH_OVERLAY"] = json.dumps(edits)
     out.mkdir(parents=True, exist_ok=True)
     fan_models, scale_models = ("2", "4") if quick else ("8", "100")
-    runs = {
+    script, *args = {
         "noop": ["noop.py", "--reps", "1", *(["--quick"] if quick else []),
                  *(["--params", str(fleet)] if fleet and not quick else [])],
         "fanout": ["fanout.py", "--models", fan_models, "--reps", "1", "--workers", "2"],
         "scale": ["scale.py", "--sizes", scale_models],
-    }
-    docs = {}
-    for name, (script, *args) in runs.items():
-        path = out / f"{name}.json"
-        print(f"--- {code.name}: bench/{script} {' '.join(args)}", flush=True)
-        subprocess.run([sys.executable, str(HERE / script), *args, "--out", str(path)], env=env, check=True)
-        docs[name] = json.loads(path.read_text())
-    noop, fanout, (scale,) = docs["noop"], docs["fanout"], docs["scale"]["results"]
-    return {
-        "first_run_s": noop["first_seconds"],
-        "noop_rerun_s": noop["median_rerun_seconds"],
-        "fanout_2_workers_s": fanout["median_seconds"]["2"],
-        "fanout_cpu_outside_stages_share": fanout["cpu_outside_stages_share"],
-        "scale_s": scale["seconds"],
-        "scale_peak_process_rss_mb": scale["peak_process_rss_mb"],
-    }
+    }[name]
+    path = out / f"{name}.json"
+    print(f"--- {code.name}: bench/{script} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *args, "--out", str(path)], env=env, check=True)
+    doc = json.loads(path.read_text())
+    if name == "noop":
+        return {"first_run_s": doc["first_seconds"], "noop_rerun_s": doc["median_rerun_seconds"]}
+    if name == "fanout":
+        return {
+            "fanout_2_workers_s": doc["median_seconds"]["2"],
+            "fanout_cpu_outside_stages_share": doc["cpu_outside_stages_share"],
+            # The stages' own CPU: the same work on both sides, so its ratio is how the machine's speed
+            # drifted between the two (or, with --own-fleets, how the stage work itself changed).
+            "fanout_stage_cpu_seconds": median([c["stages"] for c in doc["cpu_seconds"]["2"]]),
+        }
+    (scale,) = doc["results"]
+    return {"scale_s": scale["seconds"], "scale_peak_process_rss_mb": scale["peak_process_rss_mb"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,11 +115,14 @@ def main(argv: list[str] | None = None) -> int:
                                check=True)
             fleet = None if args.own_fleets else trees["before"] / "params.yaml"
             edits = {"before": None, "after": None if args.own_fleets else LIKE_FOR_LIKE}
-            for r in range(args.rounds):
-                order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
-                for side in order:
-                    figures[side].append(measure(trees[side], Path(tmp) / f"{side}-{r}", args.quick, fleet,
-                                                 edits[side]))
+            for r in range(args.rounds):  # each benchmark on both sides in turn: minutes apart, not a round
+                figures["before"].append({})
+                figures["after"].append({})
+                for i, name in enumerate(BENCHES):
+                    order = ["before", "after"] if (r + i) % 2 == 0 else ["after", "before"]
+                    for side in order:
+                        figures[side][r].update(measure(name, trees[side], Path(tmp) / f"{side}-{r}", args.quick,
+                                                        fleet, edits[side]))
         finally:
             for tree in trees.values():
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)

@@ -102,7 +102,8 @@ def rows() -> list[tuple[str, ...]]:
                  for k in doc["held"]]
         share = "fanout_cpu_outside_stages_share"
         parts.append(f"CPU outside the stages (fan-out) {b[share]:.0%} -> {a[share]:.0%} (goal <= 15%)")
-        out.append((f"Before and after ({doc['before']} -> {doc['after']}, {doc['rounds']} round(s), medians)",
+        same = f", {doc['before']}'s fleet and work on both" if doc.get("after_overlay") else ""
+        out.append((f"Before and after ({doc['before']} -> {doc['after']}, {doc['rounds']} round(s), medians{same})",
                     "; ".join(parts), f"each <= {doc['tolerance']:.2f}x", _ok(doc), _when(doc)))
     if doc := _load("tables"):
         out.append((f"Prepare a table ({doc['rows']:,} rows x {doc['columns']} columns, Parquet)",
