@@ -171,7 +171,7 @@ def status(
                 names=("model", "prod", "variant", "promoted"), left=("prod", "promoted", "git"), wide=wide,
                 legend="" if wide else "(--wide: sparsity, bytes, coded ratio, promoted, versions, git)")
     for note in notes:
-        console.print(note, highlight=False)
+        console.print(note, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -208,7 +208,7 @@ def history(
         err.print(f"[yellow]note:[/] {model} is not in {params.name} any more; its registered versions:",
                   soft_wrap=True)
     if not vs:
-        console.print(f"{model}: no registered versions yet (run `shrinkfleet run` first)")
+        console.print(f"{model}: no registered versions yet (run `shrinkfleet run` first)", soft_wrap=True)
         return
     rows, lines = [], []
     changes = registry.settings_changed(vs)
@@ -236,6 +236,7 @@ def history(
                 left=("state", "git", "created", "settings changed"), wide=wide,
                 legend="◆ production serves it" + ("" if wide else "   (--wide: git, created, settings, bytes)"))
     if lines and not wide:
+        # (wrapped at the terminal's width: these lines are prose for people, --json is for scripts)
         console.print("What changed from one version to the next (git commit; settings of its model run):",
                       highlight=False)
         for line in lines:
@@ -285,7 +286,7 @@ def promote(
         return [str(f) for f in gate.check(metrics, gate_cfg)]
 
     previous = _registry_call(registry.promote, model, version, reason, force, check)
-    console.print(f"{model}: production v{previous or '-'} -> v{version}")
+    console.print(f"{model}: production v{previous or '-'} -> v{version}", soft_wrap=True)
 
 
 @app.command()
@@ -302,7 +303,7 @@ def rollback(
     _registry_setup(root)
     old, new = _registry_call(registry.rollback, model, to, reason)
     console.print(f"{model}: production v{old} -> v{new} (v{old} is marked rolled back and will not be "
-                  "re-promoted automatically)")
+                  "re-promoted automatically)", soft_wrap=True)
 
 
 @app.command()
@@ -332,18 +333,20 @@ def lineage(
         return
     d = info["dataset"]
     console.print(f"[bold]{model} v{info['version']}[/] {' '.join('@' + a for a in info['aliases'])}  "
-                  f"git {info['git_sha']}  content {info['content_sha256'][:23]}…", highlight=False)
-    console.print(f"  dataset {d['name']}: digest {d['digest']}  DVC {d['path']} {d['dvc_md5']}", highlight=False)
+                  f"git {info['git_sha']}  content {info['content_sha256'][:23]}…", highlight=False, soft_wrap=True)
+    console.print(f"  dataset {d['name']}: digest {d['digest']}  DVC {d['path']} {d['dvc_md5']}",
+                  highlight=False, soft_wrap=True)
     for step in info["chain"]:
         acc = (f"{step['accuracy'] * 100:.2f}%" if step["accuracy"] is not None
                else f"MAE {step['mae']:.4g}" if step.get("mae") is not None else "")
-        console.print(f"  └─ {step['variant']:<16} run {step['run_id']}  {acc:>7}  {step['recipe']}", highlight=False)
-        console.print(f"       {step['artifact']}  md5 {step['dvc_md5']}", highlight=False)
+        console.print(f"  └─ {step['variant']:<16} run {step['run_id']}  {acc:>7}  {step['recipe']}",
+                      highlight=False, soft_wrap=True)
+        console.print(f"       {step['artifact']}  md5 {step['dvc_md5']}", highlight=False, soft_wrap=True)
     console.print(f"  fleet run {info['fleet_run']['run_id']} (trigger {info['fleet_run']['trigger']}, "
-                  f"Prefect flow run {info['fleet_run']['prefect_flow_run_id']})", highlight=False)
+                  f"Prefect flow run {info['fleet_run']['prefect_flow_run_id']})", highlight=False, soft_wrap=True)
     changed = info["params_changed_from_defaults"]
     console.print("  settings that differ from the defaults: "
-                  + (", ".join(f"{k}={v}" for k, v in changed.items()) or "none"), highlight=False)
+                  + (", ".join(f"{k}={v}" for k, v in changed.items()) or "none"), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -368,8 +371,8 @@ def restore(
         _fail(f"{model} v{mv.version} records no DVC hashes (it was registered with DVC off)", code=1)
     files = _registry_call(do_restore, root, outs, out.resolve())
     for rel, md5 in files:
-        console.print(f"  {md5}  {rel}", highlight=False)
-    console.print(f"{model} v{mv.version}: restored {len(files)} file(s) into {out} (md5 verified)")
+        console.print(f"  {md5}  {rel}", highlight=False, soft_wrap=True)
+    console.print(f"{model} v{mv.version}: restored {len(files)} file(s) into {out} (md5 verified)", soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- remote storage

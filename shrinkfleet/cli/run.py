@@ -124,7 +124,7 @@ def run(
             where = (f"Dask at {run_cfg.dask_address}" if run_cfg.dask_address
                      else f"{run_cfg.workers} {run_cfg.engine} worker(s)")
             console.print(f"[bold]shrinkfleet[/] fleet [cyan]{fleet.fleet}[/]: {len(names)} model(s), "
-                          f"{where}, DVC {'on' if use_dvc else 'off'}")
+                          f"{where}, DVC {'on' if use_dvc else 'off'}", soft_wrap=True)
             summary = _run_with_progress(params, root, names, force, use_dvc, trigger, workers, engine,
                                          dask_address)
     except locks.WorkspaceBusy as exc:

@@ -161,3 +161,15 @@ def test_a_scikit_learn_upgrade_is_named_as_such(tmp_path):
         "cmd": "shrinkfleet stage prepare digits --sklearn-version 1.9.1"}}}))
     assert versioning.describe_change(tmp_path, "prepare-digits", ["changed command"]) == \
         "scikit-learn 1.8.0 -> 1.9.1"
+
+
+def test_a_line_naming_a_long_path_is_printed_whole_off_a_terminal(tmp_path, tiny_params):
+    """Off a terminal (cron, CI, a pipe) the console is 80 columns; a path or id in a message is never cut by a
+    line break, so logs can be grepped for it (the report's "wrote ..." line once broke inside a path)."""
+    from tests.conftest import make_project, shrinkfleet_cmd
+
+    project = make_project(tmp_path / ("a-folder-with-a-long-name-" * 4) / "project", tiny_params)
+    assert len(str(project / "dvc.yaml")) > 100
+    done = shrinkfleet_cmd("sync", cwd=project, env={"COLUMNS": "80"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{project / 'dvc.yaml'} is up to date with params.yaml\n" in done.stdout
