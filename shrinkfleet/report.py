@@ -338,8 +338,8 @@ def served_note(doc: dict[str, Any], served: str | None, gate_cfg: Any) -> str:
     from shrinkfleet import gate
 
     smallest = best_variant(doc)
-    if served is None or smallest is None or served not in doc["variants"]:
-        return ""
+    if served is None or smallest is None or served == smallest or served not in doc["variants"]:
+        return ""  # (the gate is checked only when there is something to explain)
     fails = "; ".join(str(f) for f in gate.check(doc["variants"][smallest], gate_cfg))
     why = why_not_smallest(doc, served, fails, gate_cfg.objective)
     return f"{doc['model']}: production serves {served}, {why}" if why else ""

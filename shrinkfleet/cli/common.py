@@ -67,9 +67,12 @@ def _main(
     track, register."""
 
 # Off a terminal (CI logs, `make run | tee`) Rich would assume 80 columns: such output gets 200 unless COLUMNS
-# says otherwise (a terminal's own width is always used).
-console = Console() if Console().is_terminal or os.environ.get("COLUMNS", "").isdigit() else Console(width=200)
-err = Console(stderr=True)
+# says otherwise (a terminal's own width is always used). Messages are printed whole (soft wrap: the terminal
+# folds them, no line break is inserted), so a path, run id or digest in one can be grepped from a log;
+# tables (print_table) and prose meant for 80 columns pass soft_wrap=False.
+console = (Console(soft_wrap=True) if Console().is_terminal or os.environ.get("COLUMNS", "").isdigit()
+           else Console(width=200, soft_wrap=True))
+err = Console(stderr=True, soft_wrap=True)
 
 ParamsOpt = Annotated[
     Path | None,
@@ -138,13 +141,13 @@ def print_table(title: str, header: list[str], rows: list[list[str]], *, names: 
     if target > out.width:
         out = Console(file=out.file, width=target, force_terminal=out.is_terminal, color_system=out.color_system,
                       highlight=False)
-    out.print(t)
+    out.print(t, soft_wrap=False)
     if legend:
-        out.print(legend, highlight=False, style="dim")
+        out.print(legend, highlight=False, style="dim", soft_wrap=False)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -231,6 +234,5 @@ def _sync_pipeline(root: Path, params: Path, fleet: Any) -> list[str]:
 
     changed = pipeline.sync(root, fleet)
     if changed:
-        err.print(f"[yellow]note:[/] dvc.yaml rewritten from {params.name}: {escape(pipeline.summary(changed))}",
-                  soft_wrap=True)
+        err.print(f"[yellow]note:[/] dvc.yaml rewritten from {params.name}: {escape(pipeline.summary(changed))}")
     return changed

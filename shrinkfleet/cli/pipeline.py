@@ -86,7 +86,7 @@ def stage(
         _fail(str(exc))
     runlog.debug_line("stage", f"{pipeline.stage_name(name, target)} result: {summary!r}")
     console.print(f"{pipeline.stage_name(name, target)}: done in {time.perf_counter() - start:.1f}s"
-                  f"{_brief(summary)}", highlight=False, soft_wrap=True)
+                  f"{_brief(summary)}", highlight=False)
 
 
 def _brief(summary: object) -> str:
@@ -118,7 +118,7 @@ def sync(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
     if params != root / "params.yaml":
         _fail(f"DVC tracks {root / 'params.yaml'}; dvc.yaml is written from that file only")
     if not _sync_pipeline(root, params, fleet):
-        console.print(f"{root / 'dvc.yaml'} is up to date with {params.name}", soft_wrap=True)
+        console.print(f"{root / 'dvc.yaml'} is up to date with {params.name}")
 
 
 @app.command()
@@ -142,12 +142,12 @@ def validate(models: ModelsOpt = None, as_json: JsonOpt = False, params: ParamsO
     if problems:
         _fail("\n  ".join([f"{params}:", *problems]))
     console.print(f"{params}: fleet [cyan]{fleet.fleet}[/] is valid: {len(names)} model(s) "
-                  f"({', '.join(names)}) on {len(fleet.datasets_in_use())} dataset(s)", soft_wrap=True)
+                  f"({', '.join(names)}) on {len(fleet.datasets_in_use())} dataset(s)")
     from shrinkfleet import pipeline, versioning
 
     if versioning.is_dvc_repo(root) and params == root / "params.yaml" and (behind := pipeline.changes(root, fleet)):
         err.print(f"[yellow]note:[/] dvc.yaml is behind {params.name} ({escape(pipeline.summary(behind))}); "
-                  "the next `shrinkfleet run` (or `shrinkfleet sync`) rewrites it", soft_wrap=True)
+                  "the next `shrinkfleet run` (or `shrinkfleet sync`) rewrites it")
 
 
 @app.command()
@@ -215,10 +215,10 @@ def report(
                 legend="* on the Pareto front" + ("   ◆ production serves it" if "prod" in header else "")
                 + ("" if wide else "   (--wide: every column)"))
     for m, doc in docs.items():
-        console.print(f"{m}: {rep.production_note(doc, served.get(m), verdicts[m])}", highlight=False, soft_wrap=True)
+        console.print(f"{m}: {rep.production_note(doc, served.get(m), verdicts[m])}", highlight=False)
     replaced = folder.resolve() == ws.reports.resolve()
     console.print(f"\nwrote {path} and {path.with_suffix('.html')}"
-                  + (" (replacing the last run's report)" if replaced else ""), highlight=False, soft_wrap=True)
+                  + (" (replacing the last run's report)" if replaced else ""), highlight=False)
 
 
 @app.command()
@@ -239,7 +239,7 @@ def decode(
         _fail(f"{blob}: {exc}")
     with atomic_path(out.resolve(), suffix=".tflite") as tmp:
         tmp.write_bytes(content)
-    console.print(f"{blob} ({blob.stat().st_size:,} B) -> {out} ({len(content):,} B)", soft_wrap=True)
+    console.print(f"{blob} ({blob.stat().st_size:,} B) -> {out} ({len(content):,} B)")
 
 
 # ----------------------------------------------------------------------------- registry

@@ -171,7 +171,7 @@ def status(
                 names=("model", "prod", "variant", "promoted"), left=("prod", "promoted", "git"), wide=wide,
                 legend="" if wide else "(--wide: sparsity, bytes, coded ratio, promoted, versions, git)")
     for note in notes:
-        console.print(note, highlight=False, soft_wrap=True)
+        console.print(note, highlight=False)
 
 
 @app.command()
@@ -205,10 +205,9 @@ def history(
                                  for mv in vs], "moves": events})
         return
     if model not in fleet.models:
-        err.print(f"[yellow]note:[/] {model} is not in {params.name} any more; its registered versions:",
-                  soft_wrap=True)
+        err.print(f"[yellow]note:[/] {model} is not in {params.name} any more; its registered versions:")
     if not vs:
-        console.print(f"{model}: no registered versions yet (run `shrinkfleet run` first)", soft_wrap=True)
+        console.print(f"{model}: no registered versions yet (run `shrinkfleet run` first)")
         return
     rows, lines = [], []
     changes = registry.settings_changed(vs)
@@ -238,9 +237,9 @@ def history(
     if lines and not wide:
         # (wrapped at the terminal's width: these lines are prose for people, --json is for scripts)
         console.print("What changed from one version to the next (git commit; settings of its model run):",
-                      highlight=False)
+                      highlight=False, soft_wrap=False)
         for line in lines:
-            console.print(f"  {line}", highlight=False)
+            console.print(f"  {line}", highlight=False, soft_wrap=False)
     moves = [[times.shown(e["time"]), e["action"], f"v{e['from_version']}" if e["from_version"] else "-",
               f"v{e['to_version']}", e["reason"], e["actor"], e["trigger"]] for e in events]
     header = ["time", "action", "from", "to", "reason", "by", "trigger"]
@@ -286,7 +285,7 @@ def promote(
         return [str(f) for f in gate.check(metrics, gate_cfg)]
 
     previous = _registry_call(registry.promote, model, version, reason, force, check)
-    console.print(f"{model}: production v{previous or '-'} -> v{version}", soft_wrap=True)
+    console.print(f"{model}: production v{previous or '-'} -> v{version}")
 
 
 @app.command()
@@ -303,7 +302,7 @@ def rollback(
     _registry_setup(root)
     old, new = _registry_call(registry.rollback, model, to, reason)
     console.print(f"{model}: production v{old} -> v{new} (v{old} is marked rolled back and will not be "
-                  "re-promoted automatically)", soft_wrap=True)
+                  "re-promoted automatically)")
 
 
 @app.command()
@@ -333,20 +332,20 @@ def lineage(
         return
     d = info["dataset"]
     console.print(f"[bold]{model} v{info['version']}[/] {' '.join('@' + a for a in info['aliases'])}  "
-                  f"git {info['git_sha']}  content {info['content_sha256'][:23]}…", highlight=False, soft_wrap=True)
+                  f"git {info['git_sha']}  content {info['content_sha256'][:23]}…", highlight=False)
     console.print(f"  dataset {d['name']}: digest {d['digest']}  DVC {d['path']} {d['dvc_md5']}",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
     for step in info["chain"]:
         acc = (f"{step['accuracy'] * 100:.2f}%" if step["accuracy"] is not None
                else f"MAE {step['mae']:.4g}" if step.get("mae") is not None else "")
         console.print(f"  └─ {step['variant']:<16} run {step['run_id']}  {acc:>7}  {step['recipe']}",
-                      highlight=False, soft_wrap=True)
-        console.print(f"       {step['artifact']}  md5 {step['dvc_md5']}", highlight=False, soft_wrap=True)
+                      highlight=False)
+        console.print(f"       {step['artifact']}  md5 {step['dvc_md5']}", highlight=False)
     console.print(f"  fleet run {info['fleet_run']['run_id']} (trigger {info['fleet_run']['trigger']}, "
-                  f"Prefect flow run {info['fleet_run']['prefect_flow_run_id']})", highlight=False, soft_wrap=True)
+                  f"Prefect flow run {info['fleet_run']['prefect_flow_run_id']})", highlight=False)
     changed = info["params_changed_from_defaults"]
     console.print("  settings that differ from the defaults: "
-                  + (", ".join(f"{k}={v}" for k, v in changed.items()) or "none"), highlight=False, soft_wrap=True)
+                  + (", ".join(f"{k}={v}" for k, v in changed.items()) or "none"), highlight=False)
 
 
 @app.command()
@@ -371,8 +370,8 @@ def restore(
         _fail(f"{model} v{mv.version} records no DVC hashes (it was registered with DVC off)", code=1)
     files = _registry_call(do_restore, root, outs, out.resolve())
     for rel, md5 in files:
-        console.print(f"  {md5}  {rel}", highlight=False, soft_wrap=True)
-    console.print(f"{model} v{mv.version}: restored {len(files)} file(s) into {out} (md5 verified)", soft_wrap=True)
+        console.print(f"  {md5}  {rel}", highlight=False)
+    console.print(f"{model} v{mv.version}: restored {len(files)} file(s) into {out} (md5 verified)")
 
 
 # ----------------------------------------------------------------------------- remote storage

@@ -94,11 +94,11 @@ def run(
     use_dvc = not no_dvc
     if use_dvc and not versioning.is_dvc_repo(root):
         err.print(f"[yellow]note:[/] {root} is not a DVC project (no .dvc/): stages are neither skipped nor recorded "
-                  "(run `dvc init` to turn that on)", soft_wrap=True)
+                  "(run `dvc init` to turn that on)")
         use_dvc = False
     elif use_dvc and params != root / "params.yaml":
         err.print(f"[yellow]note:[/] DVC tracks {root / 'params.yaml'}; with --params {params} stages always run "
-                  "and are not recorded", soft_wrap=True)
+                  "and are not recorded")
     from flows.server import discard_early
 
     if problems:
@@ -109,8 +109,7 @@ def run(
         # Taken before anything is written or Prefect starts, so a refusal is immediate and leaves no trace;
         # the flow sees that this process holds it.
         with locks.run_lock(root, if_busy, on_wait=lambda info: err.print(
-                f"[yellow]waiting:[/] {escape(locks.describe(info))} holds {root}; this run starts when it ends",
-                soft_wrap=True)):
+                f"[yellow]waiting:[/] {escape(locks.describe(info))} holds {root}; this run starts when it ends")):
             # Only now, every check passed: this may create the bucket and writes the DVC remote into
             # .dvc/config, once the bucket answers (a run stopped here has written nothing).
             _remote_storage(fleet, root)
@@ -124,7 +123,7 @@ def run(
             where = (f"Dask at {run_cfg.dask_address}" if run_cfg.dask_address
                      else f"{run_cfg.workers} {run_cfg.engine} worker(s)")
             console.print(f"[bold]shrinkfleet[/] fleet [cyan]{fleet.fleet}[/]: {len(names)} model(s), "
-                          f"{where}, DVC {'on' if use_dvc else 'off'}", soft_wrap=True)
+                          f"{where}, DVC {'on' if use_dvc else 'off'}")
             summary = _run_with_progress(params, root, names, force, use_dvc, trigger, workers, engine,
                                          dask_address)
     except locks.WorkspaceBusy as exc:
@@ -266,13 +265,13 @@ def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapse
             serving = (summary["models"][m].get("registry") or {}).get("serving")
             note = report.served_note(doc, serving, fleet.resolve(m).gate) if fleet is not None else ""
             if note:
-                console.print(note, highlight=False, soft_wrap=True)
+                console.print(note, highlight=False)
     # One line per model, never wrapped (cron logs and tests read them whole; a terminal wraps them itself).
     for m in names:
         r = summary["models"][m]
         if r["status"] != "ok":
             console.print(f"[red]✗ {m}[/]: {r.get('failed_stage', '?')} failed: {r.get('error', 'not run')}",
-                          highlight=False, soft_wrap=True)
+                          highlight=False)
         else:
             ran = [s for s, st in r["stages"].items() if st == "ran"]
             why = f" ({r['reason']})" if ran and r.get("reason") else ""
@@ -280,9 +279,9 @@ def _print_summary(root: Path, names: list[str], summary: dict[str, Any], elapse
             reg = r.get("registry")
             if reg:
                 line += f"; production {'v' + reg['version'] if reg['version'] else 'unset'} ({reg['reason']})"
-            console.print(line, highlight=False, soft_wrap=True)
+            console.print(line, highlight=False)
     from shrinkfleet import runlog
 
     console.print(f"Report: {summary['report']}   MLflow parent run: {summary['parent_run_id']}   "
-                  f"wall time {elapsed:.0f}s", soft_wrap=True)
-    console.print(f"Libraries' warnings and progress: {root / runlog.RUN_LOG}", highlight=False, soft_wrap=True)
+                  f"wall time {elapsed:.0f}s")
+    console.print(f"Libraries' warnings and progress: {root / runlog.RUN_LOG}", highlight=False)

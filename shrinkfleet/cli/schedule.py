@@ -123,7 +123,7 @@ def schedule(
               f"`prefect deployment delete {fleet_flow.name}/{name}`")
     console.print(f"[bold]shrinkfleet[/] serving deployment [cyan]shrinkfleet-fleet/{name}[/] on {api}: "
                   f"'{cron_schedule.cron}' ({cron_schedule.timezone}), fleet {fleet.fleet}, "
-                  f"{len(names)} model(s); Ctrl-C stops it", soft_wrap=True)
+                  f"{len(names)} model(s); Ctrl-C stops it")
     fleet_flow.serve(
         name=name,
         schedules=[Cron(cron_schedule.cron, timezone=cron_schedule.timezone)],

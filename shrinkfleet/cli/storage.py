@@ -30,7 +30,7 @@ def push(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
         n = remote.push(root)
     except remote.RemoteError as exc:
         _fail(str(exc), code=1)
-    console.print(f"pushed {n} file(s) to {loc.dvc_url}", highlight=False, soft_wrap=True)
+    console.print(f"pushed {n} file(s) to {loc.dvc_url}", highlight=False)
 
 
 @app.command()
@@ -49,4 +49,4 @@ def pull(params: ParamsOpt = None, root: RootOpt = Path(".")) -> None:
         _fail(str(exc), code=1)
     console.print(f"pulled from {loc.dvc_url}: {len(stats.get('fetched', []) or [])} object(s) fetched, "
                   f"{len(stats.get('added', []) or [])} added, {len(stats.get('modified', []) or [])} modified",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
