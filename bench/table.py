@@ -96,15 +96,9 @@ def rows() -> list[tuple[str, ...]]:
                         f"drop {m['accuracy_drop'] * 100:+.2f} pts, run {m['wall_seconds']:.0f} s",
                         ">= 10x at <= 1 pt" if name == "byo-null" else "reported",
                         _ok(doc) if name == "byo-null" else "-", _when(doc)))
-    if doc := _load("compare"):
-        b, a, r = doc["median_before"], doc["median_after"], doc["ratio"]
-        parts = [f"{k.removesuffix('_s').replace('_', ' ')} {b[k]:.1f} -> {a[k]:.1f} s (**{r[k]:.2f}x**)"
-                 for k in doc["held"]]
-        share = "fanout_cpu_outside_stages_share"
-        parts.append(f"CPU outside the stages (fan-out) {b[share]:.0%} -> {a[share]:.0%} (goal <= 15%)")
-        same = f", {doc['before']}'s fleet and work on both" if doc.get("after_overlay") else ""
-        out.append((f"Before and after ({doc['before']} -> {doc['after']}, {doc['rounds']} round(s), medians{same})",
-                    "; ".join(parts), f"each <= {doc['tolerance']:.2f}x", _ok(doc), _when(doc)))
+    for name in ("compare", "compare-fanout"):
+        if doc := _load(name):
+            out.append(_compare_row(doc))
     if doc := _load("tables"):
         out.append((f"Prepare a table ({doc['rows']:,} rows x {doc['columns']} columns, Parquet)",
                     f"{doc['prepare_seconds']:.1f} s; peak {doc['peak_rss_mb']:.0f} MB, baseline "
@@ -112,6 +106,21 @@ def rows() -> list[tuple[str, ...]]:
                     f"({doc['table_bytes_in_memory'] / 2**20:.0f} MB)",
                     f"<= {doc['goal']:g}x", _ok(doc), _when(doc)))
     return out
+
+
+def _compare_row(doc: dict) -> tuple[str, ...]:
+    """bench/compare.py's figures: each as before -> after, with its median paired ratio (the verdict's)."""
+    b, a = doc["median_before"], doc["median_after"]
+    r = doc.get("paired_ratio") or doc["ratio"]  # (files written before compare.py paired its rounds)
+    parts = [f"{k.removesuffix('_s').replace('_', ' ')} {b[k]:.1f} -> {a[k]:.1f} s (**{r[k]:.2f}x**)"
+             for k in doc["held"]]
+    share = "fanout_cpu_outside_stages_share"
+    if share in b:
+        parts.append(f"CPU outside the stages (fan-out) {b[share]:.0%} -> {a[share]:.0%} (goal <= 15%)")
+    same = f", {doc['before']}'s fleet and work on both" if doc.get("after_overlay") else ""
+    how = "median paired ratio" if "paired_ratio" in doc else "ratio of medians"
+    return (f"Before and after ({doc['before']} -> {doc['after']}, {doc['rounds']} round(s), {how}{same})",
+            "; ".join(parts), f"each <= {doc['tolerance']:.2f}x", _ok(doc), _when(doc))
 
 
 def _when(doc: dict) -> str:

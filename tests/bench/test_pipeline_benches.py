@@ -140,3 +140,18 @@ def test_compare_gives_the_after_side_the_before_sides_work(tmp_path, monkeypatc
     assert fleet.evaluate.batch_sizes == [1]
     assert fleet.evaluate.latency_runs == earlier["evaluate"]["latency_runs"]  # the rest of evaluate: kept
     assert earlier["run"]["worker_max_stages"] == 50  # the caller's params: not edited
+
+
+def test_compare_judges_each_round_against_its_own_pair():
+    """The verdict's ratio is the median of the rounds' after / before, each pair run minutes apart: one round
+    whose machine slowed between its two sides does not decide it, as it decides the ratio of the medians."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    figures = {"before": [{"t_s": 30.0}, {"t_s": 30.0}, {"t_s": 40.0}],
+               "after": [{"t_s": 31.0}, {"t_s": 45.0}, {"t_s": 41.0}]}  # round 2: the machine slowed for after
+    assert compare.paired_ratio(figures, "t_s") == pytest.approx(31 / 30)  # the ratio of medians: 41 / 30
+    figures["before"][0]["t_s"] = 0.0
+    assert compare.paired_ratio(figures, "t_s") is None
