@@ -96,7 +96,7 @@ def rows() -> list[tuple[str, ...]]:
                         f"drop {m['accuracy_drop'] * 100:+.2f} pts, run {m['wall_seconds']:.0f} s",
                         ">= 10x at <= 1 pt" if name == "byo-null" else "reported",
                         _ok(doc) if name == "byo-null" else "-", _when(doc)))
-    for name in ("compare", "compare-fanout"):
+    for name in sorted(p.stem for p in RESULTS.glob("compare*.json")):  # compare.json, then each --only run's
         if doc := _load(name):
             out.append(_compare_row(doc))
     if doc := _load("tables"):
